@@ -1,0 +1,111 @@
+"""Two gloo processes give exactly the loss and gradients of one process on the concatenated batch."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mileloss
+from mileloss.losses.distributed import WeightNormalizer
+from tests import reference
+from tests.conftest import assert_close
+
+WORLD = 2
+N, D, V = 24, 8, 37
+
+
+def full_batch():
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(N, D, generator=generator, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, V, (N,), generator=generator)
+    targets[:9] = -100  # rank 0 gets far more ignored tokens than rank 1: normalisers must be global
+    return hidden, weight, targets
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        hidden, weight, targets = full_batch()
+        rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        group = dist.group.WORLD
+        results = {}
+
+        # 1. weighted mean, normaliser all-reduced; DDP averages gradients
+        h = hidden[rows].clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        loss = mileloss.linear_mile_loss(h, w, targets[rows], process_group=group)
+        loss.backward()
+        losses = loss.detach().clone()
+        dist.all_reduce(losses)
+        dist.all_reduce(w.grad)
+        # every gradient is world x the true one until DDP averages it (the hidden states' too, through the
+        # parameters they came from), so each is compared after dividing by the world size
+        results["weighted"] = (losses / WORLD, h.grad / WORLD, w.grad / WORLD)
+
+        # 2. two micro-batches per rank with WeightNormalizer (sum losses, rescale once)
+        w2 = weight.clone().requires_grad_()
+        normalizer = WeightNormalizer(process_group=group)
+        hidden_grads = []
+        for micro in (slice(rows.start, rows.start + 5), slice(rows.start + 5, rows.stop)):
+            hm = hidden[micro].clone().requires_grad_()
+            loss_sum, stats = mileloss.linear_mile_loss(hm, w2, targets[micro], reduction="sum", return_stats=True)
+            (loss_sum * 0.1).backward()
+            normalizer.add(stats, 0.1)
+            hidden_grads.append(hm)
+        global_loss = normalizer.rescale_gradients_([w2] + hidden_grads)
+        dist.all_reduce(w2.grad)
+        results["accumulated"] = (global_loss, torch.cat([hm.grad for hm in hidden_grads]) / WORLD,
+                                  w2.grad / WORLD)
+
+        # 3. paper mode: per-rank alphas averaged across ranks, as the official code does
+        logits = (hidden[rows] @ weight.T).requires_grad_()
+        paper = mileloss.mile_loss(logits, targets[rows], normalize="paper", process_group=group)
+        results["paper"] = (paper.detach(),)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def single_process_reference():
+    hidden, weight, targets = full_batch()
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = reference.loss(h @ w.T, targets, "mile")
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["weighted", "accumulated"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(rank_results, case):
+    loss, hidden_grad, weight_grad = single_process_reference()
+    assert_close(rank_results[0][case][0], loss, what="loss")
+    assert_close(torch.cat([r[case][1] for r in rank_results]), hidden_grad, what="grad hidden")
+    for r in rank_results:
+        assert_close(r[case][2], weight_grad, what="grad weight")
+
+
+@pytest.mark.distributed
+def test_paper_mode_averages_the_ranks_alphas(rank_results):
+    hidden, weight, targets = full_batch()
+    logits = hidden @ weight.T
+    halves = [slice(0, N // 2), slice(N // 2, N)]
+    rank_alphas = []  # each rank's alpha = 1 / mean(1 + clamped entropy) over all its positions
+    for s in halves:
+        z = logits[s]
+        probs = torch.softmax(z, -1).clamp(1e-8, 1.0)
+        rank_alphas.append(1.0 / (1.0 + -(probs * probs.log()).sum(-1)).mean())
+    alpha = sum(rank_alphas) / WORLD
+    for rank, s in enumerate(halves):
+        expected = reference.official(logits[s], targets[s], alpha_override=alpha).mean()
+        assert_close(rank_results[rank]["paper"][0], expected, what=f"paper loss rank {rank}", rtol=1e-9)
