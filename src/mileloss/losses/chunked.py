@@ -159,7 +159,8 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
     """Row statistics of one chunk, in place.
 
     Args:
-        z: (C, V) logits in the compute dtype (fp32, or fp64 for fp64 inputs); on return holds z - rowmax.
+        z: (C, V) logits in the compute dtype (fp32, or fp64 for fp64 inputs); on return holds z - rowmax,
+            or, for a detached MiLe weight, garbage (it is reused as scratch).
         e: (C, V) buffer of the same dtype; on return holds exp(z - rowmax).
         targets: (C,) int64 with ignored rows replaced by 0.   valid: (C,) bool.
     Returns:
@@ -176,10 +177,14 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
     p_target = torch.exp(-ce)  # 1 at ignored rows, as in the official code (its ce is 0 there)
     entropy = torch.zeros_like(d)
     if spec.needs_entropy:
-        # sum_v e_v (z_v - m) as a batched (1, V) @ (V, 1) product: no V-wide temporary
-        entropy = log_d - torch.bmm(e[:, None, :], z[:, :, None]).view(-1) / d
-        if spec.normalize == "paper":
-            entropy = entropy + _clamp_correction(z, e, log_d, d)
+        correction = _clamp_correction(z, e, log_d, d) if spec.normalize == "paper" else 0.0
+        # sum_v e_v (z_v - m) per row. A detached weight never needs z again, so the product overwrites z
+        # (no third (C, V) buffer); otherwise vecdot (5x faster than a batched (1, V) @ (V, 1) bmm on CPU).
+        if spec.detach_weight:
+            dot = z.mul_(e).sum(dim=1)
+        else:
+            dot = torch.linalg.vecdot(e, z)
+        entropy = log_d - dot / d + correction
     weight_all = token_weight(spec.weighting, entropy, p_target, spec.gamma, spec.sigma)
     weight = torch.where(valid, weight_all, torch.zeros_like(weight_all))
     return dict(ce=ce, entropy=entropy, weight=weight, weight_all=weight_all, lse=rowmax.view(-1) + log_d,
@@ -204,7 +209,8 @@ def chunk_logit_grad(
     d CE_i / dz = p - onehot(y)                          (the cross-entropy part)
     d w_i / dz  = w'(H) * (-p * (log p + H))             (mile, only when the weight is not detached)
                 = w'(p_t) * p_t * (onehot(y) - p)         (focal: the same shape as the CE part)
-    ``z``/``e`` come from :func:`chunk_row_stats`; ``out`` may alias ``e``.
+    ``z``/``e`` come from :func:`chunk_row_stats` (``z`` is only read for a non-detached MiLe weight);
+    ``out`` may alias ``e``.
     """
     a = coef_ce
     if coef_weight is not None and spec.weighting == "focal":

@@ -1,0 +1,259 @@
+"""Loss-engine benchmark: forward+backward time and peak memory as ratios to a baseline from the same run.
+
+    python benchmarks/bench_loss.py                      # full protocol (~15 min on 2 CPU cores)
+    python benchmarks/bench_loss.py --quick              # small shapes, a smoke run (~1 min)
+    python benchmarks/bench_loss.py --markdown docs/benchmarks_table.md --csv docs/bench_loss.csv
+
+Protocol (docs/benchmarks.md): fp32, identical seeded inputs, ~6% of targets ignored, 2 threads.
+* Correctness gate first: each variant runs on the first 512 rows of the same inputs and its loss and
+  gradients are compared with a float64 reference; a variant that fails is not timed or reported.
+* Time: 1 warm-up, then R forward+backward repetitions, variants interleaved (ABC ABC ...), median and min.
+* Peak memory: each variant in a fresh subprocess; ru_maxrss after one forward+backward minus ru_maxrss after
+  building the inputs, i.e. every temporary and gradient the loss creates (inputs excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+import mileloss
+from mileloss.losses.reference import official_loss, token_weighted_loss_reference
+
+THREADS = 2
+GATE_ROWS = 512
+LINEAR_CHUNK = 512
+
+# ---------------------------------------------------------------------------------------------------
+# inputs and variants
+
+
+def make_inputs(kind: str, n: int, v: int, d: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, v, (n,), generator=generator)
+    targets[::17] = -100
+    if kind == "logits":
+        return dict(logits=torch.randn(n, v, generator=generator) * 2.0, targets=targets)
+    hidden = torch.randn(n, d, generator=generator)
+    weight = torch.randn(v, d, generator=generator) / d**0.5 * 2.0
+    return dict(hidden=hidden, weight=weight, targets=targets)
+
+
+def _linear_options(chunk):
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    return LinearCrossEntropyOptions() if chunk is None else LinearCrossEntropyOptions(batch_chunk_size=chunk)
+
+
+# name -> (label, what it computes: "ce" | "mile" | "official", function of leaves)
+LOGITS_VARIANTS = {
+    "a": ("F.cross_entropy", "ce", lambda x: F.cross_entropy(x["logits"], x["targets"])),
+    "b": ("naive MiLe (official code's formula)", "official", lambda x: official_loss(x["logits"], x["targets"])),
+    "c": ("mileloss.mile_loss (chunked)", "mile", lambda x: mileloss.mile_loss(x["logits"], x["targets"])),
+    "c0": ("mileloss.cross_entropy_loss (chunked)", "ce",
+           lambda x: mileloss.cross_entropy_loss(x["logits"], x["targets"])),
+}
+LINEAR_VARIANTS = {
+    "d": ("linear + F.cross_entropy", "ce", lambda x: F.cross_entropy(x["hidden"] @ x["weight"].T, x["targets"])),
+    "p_auto": ("F.linear_cross_entropy (auto options)", "ce",
+               lambda x: F.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100,
+                                                options=_linear_options(None))),
+    "p_tuned": (f"F.linear_cross_entropy (batch_chunk_size={LINEAR_CHUNK})", "ce",
+                lambda x: F.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100,
+                                                 options=_linear_options(LINEAR_CHUNK))),
+    "e": ("mileloss.linear_mile_loss (fused)", "mile",
+          lambda x: mileloss.linear_mile_loss(x["hidden"], x["weight"], x["targets"], chunk_size=LINEAR_CHUNK)),
+    "e0": ("mileloss.linear_cross_entropy_loss (fused)", "ce",
+           lambda x: mileloss.linear_cross_entropy_loss(x["hidden"], x["weight"], x["targets"],
+                                                        chunk_size=LINEAR_CHUNK)),
+}
+BASELINE = {"logits": "a", "linear": "d"}
+
+
+def variants(kind: str) -> dict:
+    return LOGITS_VARIANTS if kind == "logits" else LINEAR_VARIANTS
+
+
+def leaves(inputs: dict) -> dict:
+    return {k: (t.requires_grad_() if t.is_floating_point() else t) for k, t in inputs.items()}
+
+
+def forward_backward(fn, x: dict) -> None:
+    for t in x.values():
+        t.grad = None
+    fn(x).backward()
+
+
+# ---------------------------------------------------------------------------------------------------
+# correctness gate
+
+
+def reference_loss(what: str, x: dict) -> torch.Tensor:
+    logits = x["logits"] if "logits" in x else x["hidden"] @ x["weight"].T
+    if what == "official":
+        return official_loss(logits, x["targets"])
+    return token_weighted_loss_reference(logits, x["targets"], weighting=what)
+
+
+def passes_gate(kind: str, name: str, inputs: dict) -> tuple[bool, str]:
+    """Run variant ``name`` on the first GATE_ROWS rows; compare loss and grads with float64."""
+    _, what, fn = variants(kind)[name]
+    sub = {k: (t[:GATE_ROWS] if k != "weight" else t) for k, t in inputs.items()}
+    x32 = leaves({k: t.clone() for k, t in sub.items()})
+    loss32 = fn(x32)
+    loss32.backward()
+    x64 = leaves({k: (t.double() if t.is_floating_point() else t.clone()) for k, t in sub.items()})
+    loss64 = reference_loss(what, x64)
+    loss64.backward()
+    worst = abs(loss32.item() - loss64.item()) / abs(loss64.item())
+    for key, t in x32.items():
+        if t.is_floating_point():
+            error = (t.grad.double() - x64[key].grad).abs().max() / x64[key].grad.abs().max()
+            worst = max(worst, float(error))
+    return worst < 1e-4, f"max relative error {worst:.1e}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing (interleaved, in this process) and memory (fresh subprocess per variant)
+
+
+def time_variants(kind: str, names: list[str], inputs: dict, repeats: int) -> dict[str, list[float]]:
+    xs = {name: leaves({k: t.clone() for k, t in inputs.items()}) for name in names}
+    times = {name: [] for name in names}
+    for rep in range(repeats + 1):
+        order = names if rep % 2 == 0 else names[::-1]  # alternate the order to cancel drift
+        for name in order:
+            start = time.perf_counter()
+            forward_backward(variants(kind)[name][2], xs[name])
+            if rep > 0:  # rep 0 is the warm-up
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mib(kind: str, name: str, n: int, v: int, d: int) -> float:
+    command = [sys.executable, __file__, "--memory-worker", json.dumps([kind, name, n, v, d])]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def memory_worker(spec: str) -> None:
+    kind, name, n, v, d = json.loads(spec)
+    torch.set_num_threads(THREADS)
+    x = leaves(make_inputs(kind, n, v, d))
+    # reset the kernel's high-water mark (VmHWM) to the current resident size, so that import-time peaks
+    # do not hide the op's own peak; the delta is every byte the forward+backward added at its worst
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    forward_backward(variants(kind)[name][2], x)
+    print(max(_status_kib("VmHWM") - before, 0) / 1024.0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_case(kind: str, n: int, v: int, d: int, repeats: int, names: list[str]) -> list[dict]:
+    inputs = make_inputs(kind, n, v, d)
+    label = f"N={n}, V={v}" + (f", D={d}" if kind == "linear" else "")
+    print(f"\n## {kind}: {label}", flush=True)
+    gated = []
+    for name in names:
+        ok, detail = passes_gate(kind, name, inputs)
+        print(f"  gate {name:8s} {'ok ' if ok else 'FAIL'} ({detail})", flush=True)
+        if ok:
+            gated.append(name)
+    baseline = BASELINE[kind]
+    if baseline not in gated:
+        print("  baseline failed the gate: case not reported")
+        return []
+    times = time_variants(kind, gated, inputs, repeats)
+    memory = {name: peak_memory_mib(kind, name, n, v, d) for name in gated}
+    rows = []
+    for name in gated:
+        median, best = statistics.median(times[name]), min(times[name])
+        rows.append(dict(kind=kind, case=label, variant=name, label=variants(kind)[name][0], median_s=median,
+                         min_s=best, peak_mib=memory[name],
+                         time_ratio=median / statistics.median(times[baseline]),
+                         memory_ratio=memory[name] / memory[baseline] if memory[baseline] > 0 else float("nan"),
+                         p20=statistics.quantiles(times[name], n=5)[0] if len(times[name]) > 1 else median,
+                         p80=statistics.quantiles(times[name], n=5)[-1] if len(times[name]) > 1 else median))
+        row = rows[-1]
+        print(f"  {name:8s} {row['median_s']:7.3f} s (min {best:.3f})  {row['time_ratio']:5.2f}x time   "
+              f"{row['peak_mib']:8.0f} MiB  {row['memory_ratio']:5.2f}x memory   {row['label']}", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | variant | median s (min) | time vs baseline | peak MiB | memory vs baseline |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kind']} {r['case']} | ({r['variant']}) {r['label']} | {r['median_s']:.3f} "
+                     f"({r['min_s']:.3f}) | {r['time_ratio']:.2f}x | {r['peak_mib']:.0f} | {r['memory_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run, not the protocol")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", choices=["logits", "linear"], help="run one half of the protocol")
+    parser.add_argument("--csv", help="write raw rows (Liger-style schema) here")
+    parser.add_argument("--markdown", help="write the Markdown table here")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        memory_worker(args.memory_worker)
+        return 0
+    torch.set_num_threads(THREADS)
+    if args.quick:
+        cases = [("logits", 1024, 8000, 0), ("linear", 1024, 8000, 256)]
+    else:
+        cases = [("logits", 4096, 32000, 0), ("logits", 8192, 32000, 0), ("logits", 2048, 128256, 0),
+                 ("linear", 4096, 32000, 512), ("linear", 4096, 128256, 512)]
+    cases = [c for c in cases if args.only in (None, c[0])]
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {THREADS} threads, "
+          f"{os.cpu_count()} cores", flush=True)
+    rows = []
+    for kind, n, v, d in cases:
+        rows += run_case(kind, n, v, d, args.repeats, list(variants(kind)))
+    table = markdown(rows)
+    print("\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.csv:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["kernel", "provider", "mode", "metric", "unit", "x_name", "x", "p50", "p20", "p80",
+                             "config", "device", "timestamp", "version"])
+            for r in rows:
+                config = f"{r['kind']} {r['case']}"
+                writer.writerow(["mile_loss", r["variant"], "full", "time", "s", "case", config, r["median_s"],
+                                 r["p20"], r["p80"], r["label"], "cpu", stamp, torch.__version__])
+                writer.writerow(["mile_loss", r["variant"], "full", "memory", "MiB", "case", config, r["peak_mib"],
+                                 r["peak_mib"], r["peak_mib"], r["label"], "cpu", stamp, torch.__version__])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
