@@ -14,7 +14,8 @@ STAT_KEYS = ("ce", "entropy", "weight", "lse")
 class TokenStats(NamedTuple):
     """Per-token diagnostics from the same pass that computed the loss (no second pass).
 
-    ce, entropy, weight, lse: float32 (float64 for float64 inputs), detached, shaped like ``targets``; ``weight`` is 0 at ignored positions
+    ce, entropy, weight, lse: float32 (float64 for float64 inputs), detached, shaped like ``targets``;
+    ``weight`` is 0 at ignored positions
     (``ce`` too). weight_sum = sum of weights, valid_count = number of non-ignored targets,
     weighted_ce_sum = sum of weight * ce: 0-d float64 tensors over *this* process's tokens only
     (sum them over micro-batches / all-reduce them to normalise exactly; see ``WeightNormalizer``).
@@ -96,7 +97,8 @@ class TokenWeightedLossFunction(torch.autograd.Function):
         coef_ce = go * weight
         coef_weight = None
         if not spec.detach_weight:
-            centre = global_loss.to(weight.dtype) if (spec.reduction == "mean" and spec.normalize == "weighted") else 0.0
+            weighted_mean = spec.reduction == "mean" and spec.normalize == "weighted"
+            centre = global_loss.to(weight.dtype) if weighted_mean else 0.0
             coef_weight = torch.where(valid, go * (ce - centre), torch.zeros_like(ce))
         head = _make_head(tensors)
         head.allocate_grads(tuple(ctx.needs_input_grad[2:]))
