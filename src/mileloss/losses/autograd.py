@@ -65,7 +65,7 @@ class TokenWeightedLossFunction(torch.autograd.Function):
         loss, stats, scale, global_loss, head = _forward(spec, targets, tensors, needs)
         ctx.spec, ctx.scale, ctx.applied_factor = spec, scale, None
         if spec.single_pass:
-            ctx.grads = head.grads()
+            ctx.grads, ctx.grad_dtypes = head.grads(), head.output_dtypes()
         else:
             ctx.save_for_backward(targets, stats["weight"], stats["ce"], global_loss, *tensors[:2])
             ctx.bias = tensors[2] if len(tensors) == 3 else None
@@ -84,12 +84,14 @@ class TokenWeightedLossFunction(torch.autograd.Function):
             factor = grad_loss.to(ctx.scale.dtype) * ctx.scale
             if ctx.applied_factor is None:
                 ctx.applied_factor = factor
-                return (None, None, *(None if g is None else g.mul_(factor) for g in ctx.grads))
+                return (None, None, *_cast(tuple(None if g is None else g.mul_(factor) for g in ctx.grads),
+                                           ctx.grad_dtypes))
             if float(ctx.applied_factor) == 0.0:
                 raise RuntimeError("mileloss: a second backward after a zero grad_output cannot recover the "
                                    "gradient (it is scaled in place); recompute the loss instead")
             ratio = factor / ctx.applied_factor
-            return (None, None, *(None if g is None else g * ratio for g in ctx.grads))
+            return (None, None, *_cast(tuple(None if g is None else g * ratio for g in ctx.grads),
+                                       ctx.grad_dtypes))
         targets, weight, ce, global_loss, *saved = ctx.saved_tensors
         tensors = (*saved, ctx.bias) if len(saved) == 2 else tuple(saved)
         valid = targets != spec.ignore_index
@@ -103,4 +105,9 @@ class TokenWeightedLossFunction(torch.autograd.Function):
         head = _make_head(tensors)
         head.allocate_grads(tuple(ctx.needs_input_grad[2:]))
         run_chunks(head, targets, spec, coefs=(coef_ce, coef_weight))
-        return (None, None, *head.grads())
+        return (None, None, *_cast(head.grads(), head.output_dtypes()))
+
+
+def _cast(grads, dtypes):
+    """Gradients in the inputs' dtypes (a no-op where they already are)."""
+    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))

@@ -100,22 +100,39 @@ class LogitsHead:
     def grads(self) -> tuple[torch.Tensor | None, ...]:
         return (self.grad_logits,)
 
+    def output_dtypes(self) -> tuple[torch.dtype | None, ...]:
+        return (self.logits.dtype,)
+
 
 class LinearHead:
-    """Logits computed per chunk: z = hidden[rows] @ weight.T + bias. The (N, V) logits never exist."""
+    """Logits computed per chunk: z = hidden[rows] @ weight.T + bias. The (N, V) logits never exist.
+
+    Gradients accumulate in the compute dtype (fp32 for bf16/fp16 inputs) and are cast to the inputs'
+    dtypes once, after scaling, so a low-precision gradient is rounded once, as a plain ``F.linear`` +
+    ``F.cross_entropy`` would round it. On CPU the GEMMs of low-precision inputs run in fp32 on a one-off
+    fp32 copy of the weight (mixed-dtype CPU GEMMs are emulated and slow); on CUDA they stay in the inputs'
+    dtype with fp32 outputs.
+    """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.num_rows, self.hidden_dim = hidden.shape
         self.vocab = weight.shape[0]
+        self.dtype = compute_dtype(weight.dtype)
+        self.upcast = weight.dtype != self.dtype and weight.device.type != "cuda"
+        self.gemm_weight = weight.to(self.dtype) if self.upcast else weight
         self.grad_hidden = self.grad_weight = self.grad_bias = None
 
-    def chunk_logits(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
         h = self.hidden[start:stop]
+        return h.to(self.dtype) if self.upcast else h
+
+    def chunk_logits(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        h = self._rows(start, stop)
         if h.dtype == out.dtype:
-            torch.mm(h, self.weight.t(), out=out)  # (C, D) @ (D, V) -> (C, V), no new allocation
+            torch.mm(h, self.gemm_weight.t(), out=out)  # (C, D) @ (D, V) -> (C, V), no new allocation
         else:
-            out.copy_(h @ self.weight.t())  # low-precision GEMM (fast on GPU), math in fp32 after
+            out.copy_(h @ self.weight.t())  # CUDA low-precision GEMM, math in fp32 after
         if self.bias is not None:
             out.add_(self.bias)
         return out
@@ -124,31 +141,40 @@ class LinearHead:
         return scratch
 
     def allocate_grads(self, needs: tuple[bool, ...]) -> None:
-        # fp32 accumulators for W and b when they are low precision: they sum over every chunk
-        accumulate_dtype = compute_dtype(self.weight.dtype)
-        self.grad_hidden = torch.empty_like(self.hidden) if needs[0] else None
-        if needs[1]:
-            self.grad_weight = torch.zeros_like(self.weight, dtype=accumulate_dtype)
-        if needs[2] and self.bias is not None:
-            self.grad_bias = torch.zeros_like(self.bias, dtype=accumulate_dtype)
+        zeros = lambda like: torch.zeros_like(like, dtype=self.dtype)  # noqa: E731
+        self.grad_hidden = zeros(self.hidden) if needs[0] else None
+        self.grad_weight = zeros(self.weight) if needs[1] else None
+        self.grad_bias = zeros(self.bias) if needs[2] and self.bias is not None else None
 
     def accumulate(self, grad_z: torch.Tensor, start: int, stop: int) -> None:
-        h = self.hidden[start:stop]
-        g = grad_z if h.dtype == grad_z.dtype else grad_z.to(h.dtype)
-        if self.grad_hidden is not None:
-            torch.mm(g, self.weight, out=self.grad_hidden[start:stop])  # (C, V) @ (V, D)
-        if self.grad_weight is not None:
-            if g.dtype == self.grad_weight.dtype:
-                self.grad_weight.addmm_(g.t(), h)  # (V, C) @ (C, D)
-            else:
-                self.grad_weight.add_(g.t() @ h)
+        h = self._rows(start, stop)
+        if h.dtype == grad_z.dtype:
+            if self.grad_hidden is not None:
+                torch.mm(grad_z, self.gemm_weight, out=self.grad_hidden[start:stop])  # (C, V) @ (V, D)
+            if self.grad_weight is not None:
+                self.grad_weight.addmm_(grad_z.t(), h)  # (V, C) @ (C, D)
+        else:  # CUDA, low precision: GEMMs in the inputs' dtype, fp32 results
+            g = grad_z.to(h.dtype)
+            if self.grad_hidden is not None:
+                self.grad_hidden[start:stop] = _mm_wide(g, self.weight, self.dtype)
+            if self.grad_weight is not None:
+                self.grad_weight.add_(_mm_wide(g.t(), h, self.dtype))
         if self.grad_bias is not None:
             self.grad_bias.add_(grad_z.sum(0))
 
     def grads(self) -> tuple[torch.Tensor | None, ...]:
-        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        bias_grad = cast(self.grad_bias, self.bias) if self.bias is not None else None
-        return (self.grad_hidden, cast(self.grad_weight, self.weight), bias_grad)
+        return (self.grad_hidden, self.grad_weight, self.grad_bias)
+
+    def output_dtypes(self) -> tuple[torch.dtype | None, ...]:
+        return (self.hidden.dtype, self.weight.dtype, None if self.bias is None else self.bias.dtype)
+
+
+def _mm_wide(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with a ``dtype`` result (``out_dtype`` where this torch has it, else an upcast after)."""
+    try:
+        return torch.mm(a, b, out_dtype=dtype)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return (a @ b).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,7 +264,7 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
     n, vocab = head.num_rows, head.vocab
     device = targets.device
     chunk = spec.chunk_size or default_chunk_size(n, vocab, head.hidden_dim, device)
-    dtype = compute_dtype(head.weight.dtype if isinstance(head, LinearHead) else head.logits.dtype)
+    dtype = compute_dtype(head.output_dtypes()[0])
     z_buf = torch.empty((min(chunk, n), vocab), dtype=dtype, device=device)
     e_buf = torch.empty_like(z_buf)
     valid_all = targets != spec.ignore_index
