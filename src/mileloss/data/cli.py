@@ -1,0 +1,85 @@
+"""``mileloss data``: prepare a corpus (tokenizer + token shards + manifest) for training.
+
+mileloss data --corpus shakespeare --out data/shakespeare               # ~1 min on 2 CPUs
+mileloss data --corpus notes/ web.jsonl --text-field body --out data/mine --vocab-size 16384
+mileloss data --corpus kjv --tokenizer data/shakespeare/tokenizer --out data/kjv
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from mileloss.data.errors import DataError
+from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mileloss data",
+        description="Tokenize a corpus into token shards with a manifest (see mileloss.data.shards).",
+    )
+    parser.add_argument(
+        "--corpus",
+        nargs="+",
+        required=True,
+        metavar="NAME_OR_PATH",
+        help="named corpora (shakespeare, kjv, austen) and/or .txt/.jsonl files or folders of them",
+    )
+    parser.add_argument("--out", required=True, help="data directory to write (replaced if it is one already)")
+    parser.add_argument("--text-field", default="text", help="text field of .jsonl records (default: text)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default: 8192)")
+    parser.add_argument("--tokenizer", help="use this Hugging Face tokenizer folder instead of training one")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for val (0.05)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val assignment (default: 0)")
+    parser.add_argument(
+        "--max-shard-tokens",
+        type=int,
+        default=DEFAULT_MAX_SHARD_TOKENS,
+        help=f"most tokens per shard file (default: {DEFAULT_MAX_SHARD_TOKENS})",
+    )
+    parser.add_argument(
+        "--cache-dir", help="download folder of named corpora (default: $MILELOSS_CACHE or ~/.cache/mileloss/corpora)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mileloss.data.prepare import prepare_corpus
+
+    started = time.perf_counter()
+    try:
+        manifest = prepare_corpus(
+            args.corpus,
+            args.out,
+            vocab_size=args.vocab_size,
+            tokenizer=args.tokenizer,
+            text_field=args.text_field,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            max_shard_tokens=args.max_shard_tokens,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+        )
+    except (DataError, ValueError) as error:
+        print(f"mileloss data: error: {error}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - started
+    train, val = manifest.splits["train"], manifest.splits["val"]
+    print(f"corpus      {manifest.corpus} -> {manifest.path}")
+    print(
+        f"documents   {train.num_documents} train, {val.num_documents} val "
+        f"(split by {manifest.extra.get('split_by', 'document')})"
+    )
+    print(
+        f"tokens      {train.num_tokens:,} train, {val.num_tokens:,} val "
+        f"({len(train.shards)} + {len(val.shards)} shards, {manifest.dtype.name})"
+    )
+    print(f"vocabulary  {manifest.vocab_size} (eos id {manifest.eos_token_id}), tokenizer in {manifest.tokenizer_dir}")
+    print(f"time        {seconds:.1f} s")
+    return 0
