@@ -1,0 +1,197 @@
+"""``mileloss reproduce``: the paper's comparison at the scale of this machine, end to end.
+
+    mileloss reproduce                                   # ~15 min on 2 CPU cores: Shakespeare, CE vs focal vs MiLe
+    mileloss reproduce --budget tiny                     # a minute or two: the CI smoke run
+    mileloss reproduce --budget long --seeds 111,112,113 --corpus kjv
+
+Stages: prepare the corpus (tokenizer + shards), train one run per (loss, seed) with the same seed, data
+order and token budget, evaluate each (frequency-bucket perplexity + offline benchmarks), write the report.
+Every stage is skipped when its output is already there, so an interrupted reproduce continues where it
+stopped (a half-trained run resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("ce", "focal", "mile")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much work one reproduce does; the presets below are measured on 2 CPU cores."""
+
+    vocab_size: int
+    preset: str
+    max_steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup_steps: int
+    eval_every: int
+    eval_batches: int
+    ppl_max_tokens: int | None
+    tasks: tuple[str, ...]
+    task_limit: int | None
+    num_fewshot: int = 0
+
+
+BUDGETS = {
+    # CI: every stage runs for real, on little work
+    "tiny": Budget(vocab_size=1024, preset="tiny", max_steps=30, batch_size=8, seq_len=64, lr=2e-3,
+                   warmup_steps=5, eval_every=15, eval_batches=4, ppl_max_tokens=8192, tasks=("arc_easy",),
+                   task_limit=4),
+    # the README's main job: about 15 minutes on 2 CPU cores
+    "smoke": Budget(vocab_size=4096, preset="tiny", max_steps=500, batch_size=16, seq_len=128, lr=1e-3,
+                    warmup_steps=50, eval_every=100, eval_batches=16, ppl_max_tokens=65536,
+                    tasks=("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa",
+                           "social_iqa", "triviaqa"), task_limit=50),
+    # docs/results.md: longer runs, the same pipeline
+    "long": Budget(vocab_size=8192, preset="tiny", max_steps=3000, batch_size=16, seq_len=256, lr=1e-3,
+                   warmup_steps=200, eval_every=250, eval_batches=32, ppl_max_tokens=None,
+                   tasks=("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa",
+                          "social_iqa", "triviaqa"), task_limit=200),
+}
+
+
+def run_name(corpus: str, loss: str, seed: int) -> str:
+    return f"{Path(corpus).name}-{loss}-s{seed}"
+
+
+def train_overrides(budget: Budget, data_dir: Path, run_dir: Path, loss: str, seed: int, device: str | None):
+    overrides = [
+        f"model.preset={budget.preset}", f"data.dir={data_dir}", f"loss.kind={loss}", f"run.out={run_dir}",
+        f"run.seed={seed}", f"run.max_steps={budget.max_steps}", f"run.batch_size={budget.batch_size}",
+        f"run.seq_len={budget.seq_len}", f"run.eval_every={budget.eval_every}",
+        f"run.eval_batches={budget.eval_batches}", f"run.checkpoint_every={budget.eval_every}",
+        f"optim.lr={budget.lr}", f"optim.warmup_steps={budget.warmup_steps}",
+    ]
+    if device:
+        overrides.append(f"run.device={device}")
+    return overrides
+
+
+def reproduce(
+    out: str | Path = "reports/smoke",
+    *,
+    budget: str = "smoke",
+    corpus: str = "shakespeare",
+    seeds: tuple[int, ...] = (111,),
+    losses: tuple[str, ...] = LOSSES,
+    tasks: tuple[str, ...] | None = None,
+    task_limit: int | None = None,
+    max_steps: int | None = None,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Prepare data, train every (loss, seed), evaluate, report. Returns the path of ``report.html``.
+
+    Args:
+        out: output folder: ``data/``, ``runs/<corpus>-<loss>-s<seed>/`` and ``report/`` go under it.
+        budget: a key of :data:`BUDGETS`.
+        corpus: a named corpus (shakespeare, kjv, austen) or a local path, as for ``mileloss data``.
+        seeds, losses: one training run per pair, all with the same data order and token budget.
+        tasks, task_limit, max_steps: override the budget's benchmarks, documents per task and steps.
+    """
+    from mileloss.data import load_manifest, prepare_corpus
+    from mileloss.eval import evaluate
+    from mileloss.report import write_report
+    from mileloss.train import load_config, train
+
+    if budget not in BUDGETS:
+        raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {budget!r}")
+    unknown = sorted(set(losses) - set(LOSSES))
+    if unknown:
+        raise ValueError(f"--losses: unknown loss {unknown[0]!r}; choose from {LOSSES}")
+    plan = BUDGETS[budget]
+    plan = dataclasses.replace(plan, **{k: v for k, v in dict(
+        tasks=tasks, task_limit=task_limit, max_steps=max_steps).items() if v is not None})
+    out = Path(out)
+    data_dir = out / "data" / Path(corpus).name
+    runs = [(loss, seed, out / "runs" / run_name(corpus, loss, seed)) for seed in seeds for loss in losses]
+    stages = tqdm(total=1 + 2 * len(runs) + 1, desc="reproduce", unit="stage", position=0)
+    started = time.time()
+
+    stages.set_postfix_str(f"data {corpus}")
+    if _data_ready(data_dir, plan.vocab_size, load_manifest):
+        log.info("data: %s already prepared", data_dir)
+    else:
+        prepare_corpus([corpus], data_dir, vocab_size=plan.vocab_size, seed=0, cache_dir=cache_dir)
+    stages.update()
+
+    for loss, seed, run_dir in runs:
+        stages.set_postfix_str(f"train {run_dir.name}")
+        if (run_dir / "final" / "mileloss_run.json").exists():
+            log.info("train: %s already finished", run_dir)
+        else:
+            config = load_config(None, train_overrides(plan, data_dir, run_dir, loss, seed, device))
+            train(config, resume=(run_dir / "checkpoints").exists())
+        stages.update()
+
+    for _, _, run_dir in runs:
+        stages.set_postfix_str(f"eval {run_dir.name}")
+        if (run_dir / "eval" / "perplexity.json").exists() and (
+                not plan.tasks or (run_dir / "eval" / "lm_eval.json").exists()):
+            log.info("eval: %s already evaluated", run_dir)
+        else:
+            evaluate(run_dir, data_dir, max_tokens=plan.ppl_max_tokens, tasks=list(plan.tasks) or "none",
+                     limit=plan.task_limit, num_fewshot=plan.num_fewshot, device=device, cache_dir=cache_dir)
+        stages.update()
+
+    stages.set_postfix_str("report")
+    report = write_report([run_dir for _, _, run_dir in runs], out / "report")
+    stages.update()
+    stages.close()
+    summary = dict(budget=dataclasses.asdict(plan), corpus=corpus, seeds=list(seeds), losses=list(losses),
+                   runs=[str(r) for _, _, r in runs], report=str(report), seconds=round(time.time() - started, 1))
+    (out / "reproduce.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return report
+
+
+def _data_ready(data_dir: Path, vocab_size: int, load_manifest) -> bool:
+    if not (data_dir / "manifest.json").exists():
+        return False
+    manifest = load_manifest(data_dir, verify=True)
+    if manifest.vocab_size != vocab_size:
+        raise ValueError(f"{data_dir} holds data with vocab {manifest.vocab_size}, but this budget uses "
+                         f"{vocab_size}; choose another --out or delete {data_dir}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mileloss reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", default="smoke", choices=sorted(BUDGETS),
+                        help="how much work: tiny (CI, ~2 min), smoke (default, ~15 min), long")
+    parser.add_argument("--out", help="output folder (default reports/<budget>)")
+    parser.add_argument("--corpus", default="shakespeare", help="named corpus or local path (default shakespeare)")
+    parser.add_argument("--seeds", default="111", help="comma-separated training seeds (default 111, the paper's)")
+    parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of ce,focal,mile")
+    parser.add_argument("--tasks", help="comma-separated benchmarks, or 'none' (default: the budget's)")
+    parser.add_argument("--limit", type=int, help="documents per benchmark task (default: the budget's)")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps per run (default: the budget's)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--cache-dir", help="download cache for corpora and benchmarks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    tasks = None
+    if args.tasks is not None:
+        tasks = () if args.tasks == "none" else tuple(t for t in args.tasks.split(",") if t)
+    report = reproduce(args.out or f"reports/{args.budget}", budget=args.budget, corpus=args.corpus,
+                           seeds=seeds, losses=tuple(args.losses.split(",")), tasks=tasks, task_limit=args.limit,
+                           max_steps=args.max_steps, device=args.device, cache_dir=args.cache_dir)
+    print(f"report: {report} (Markdown beside it: {report.with_suffix('.md')})")
+    return 0
