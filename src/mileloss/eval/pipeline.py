@@ -1,0 +1,170 @@
+"""``mileloss eval`` as one library call: frequency-bucket perplexity, then downstream benchmarks.
+
+>>> evaluate("runs/mile", "data/shakespeare", tasks=["piqa", "arc_easy"], limit=50)   # doctest: +SKIP
+{'perplexity': {...}, 'lm_eval': {...}, 'out_dir': PosixPath('runs/mile/eval')}
+
+Writes ``OUT/perplexity.json`` and (unless ``tasks`` is empty) ``OUT/lm_eval.json``; ``OUT`` defaults to
+``RUN_DIR/eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mileloss.eval.buckets import DEFAULT_CUT_POINTS, frequency_buckets, parse_cut_points
+from mileloss.eval.checkpoint import check_tokenizer_matches, load_model, resolve_checkpoint
+from mileloss.eval.errors import EvalDataError
+from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, parse_task_list, run_lm_eval
+from mileloss.eval.perplexity import evaluate_perplexity
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "format_lm_eval_table", "format_perplexity_table"]
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def evaluate(
+    path: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    buckets: str | Sequence[float] = DEFAULT_CUT_POINTS,
+    max_tokens: int | None = None,
+    tasks: str | Sequence[str] | None = DEFAULT_TASKS,
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+    benchmark_root: str | Path | None = None,
+) -> dict:
+    """Evaluate a run folder or checkpoint: per-bucket perplexity and (optionally) lm-eval benchmarks.
+
+    Args:
+        path: a run folder (its ``final/`` is used) or any Hugging Face checkpoint folder with a tokenizer.
+        data_dir: the ``mileloss data`` directory the model was trained on; defaults to the ``data_dir`` in
+            ``final/mileloss_run.json``.
+        buckets: cumulative-occurrence cut points, ``"80,95"`` by default (high / medium / low).
+        max_tokens: cap on evaluated validation tokens (None = the whole split).
+        tasks: benchmark names (see :data:`~mileloss.eval.lm_eval_bridge.TASKS`); ``"none"`` / ``[]`` skips them.
+        num_fewshot: in-context examples for the benchmarks.
+        limit: documents per benchmark task (None = all).
+        out_dir: where to write the JSON files (default ``RUN_DIR/eval``).
+        seq_len: perplexity window (default: the run's training ``seq_len``, else the model context).
+        batch_size: windows per forward pass (perplexity) and lm-eval batch size.
+        device: ``cuda`` if available, else ``cpu``.
+        dtype: model weights dtype (``float32``; ``bfloat16`` on GPU).
+        cache_dir, benchmark_root: see :func:`~mileloss.eval.lm_eval_bridge.run_lm_eval`.
+
+    Returns:
+        ``{"perplexity": dict, "lm_eval": dict | None, "out_dir": Path}``.
+
+    Raises:
+        CheckpointError, TokenizerMismatchError, EvalDataError, BucketSpecError, BenchmarkFileError,
+        UnknownTaskError: with the folder, file or flag at fault in the message.
+    """
+    from mileloss.data import load_manifest, read_split
+
+    cut_points = parse_cut_points(buckets)
+    task_names = parse_task_list(tasks)
+    checkpoint = resolve_checkpoint(path)
+    if data_dir is None:
+        data_dir = checkpoint.run_info.get("data_dir")
+        if data_dir is None:
+            raise EvalDataError(f"{checkpoint.path}: no mileloss_run.json with a data_dir; pass --data DATA_DIR")
+    data_dir = Path(data_dir)
+    if not (data_dir / "manifest.json").is_file():
+        raise EvalDataError(f"{data_dir}: no manifest.json (create the data directory with `mileloss data`)")
+    manifest = load_manifest(data_dir)
+    check_tokenizer_matches(checkpoint.path, manifest.tokenizer_dir)
+    frequency = frequency_buckets(manifest.token_counts(), cut_points)
+
+    device = device or _default_device()
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    if model.config.vocab_size < manifest.vocab_size:
+        raise EvalDataError(f"{checkpoint.path}: model vocab_size {model.config.vocab_size} is smaller than the "
+                            f"data's {manifest.vocab_size} ({data_dir / 'manifest.json'})")
+    seq_len = (seq_len or checkpoint.run_info.get("model", {}).get("seq_len")
+               or model.config.max_position_embeddings)
+    tokens = read_split(manifest, "val")
+    started = time.perf_counter()
+    logger.info("perplexity of %s on %s (%d val tokens, window %d)", checkpoint.path, data_dir, len(tokens), seq_len)
+    result = evaluate_perplexity(model, tokens, frequency, seq_len=int(seq_len), batch_size=batch_size,
+                                 max_tokens=max_tokens, device=device)
+    del model
+    result = {
+        "checkpoint": str(checkpoint.path),
+        "run_dir": str(checkpoint.run_dir) if checkpoint.run_dir else None,
+        "data_dir": str(data_dir),
+        "run": checkpoint.run_info,
+        "max_tokens": max_tokens,
+        "bucket_definition": frequency.to_dict(),
+        **result,
+        "elapsed_seconds": round(time.perf_counter() - started, 2),
+    }
+    out = Path(out_dir) if out_dir is not None else checkpoint.default_out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "perplexity.json", result)
+    logger.info("wrote %s", out / "perplexity.json")
+
+    lm_eval_result = None
+    if task_names:
+        started = time.perf_counter()
+        lm_eval_result = run_lm_eval(checkpoint.path, task_names, num_fewshot=num_fewshot, limit=limit,
+                                     batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
+                                     root=benchmark_root)
+        lm_eval_result = {"checkpoint": str(checkpoint.path), **lm_eval_result,
+                          "elapsed_seconds": round(time.perf_counter() - started, 2)}
+        _write_json(out / "lm_eval.json", lm_eval_result)
+        logger.info("wrote %s", out / "lm_eval.json")
+    return {"perplexity": result, "lm_eval": lm_eval_result, "out_dir": out}
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def format_perplexity_table(result: dict) -> str:
+    """Plain-text table of ``perplexity.json``: the bucket definition, then one row per bucket and overall."""
+    cuts = ", ".join(f"{c:g}%" for c in result["bucket_cut_points"])
+    lines = [f"buckets: cumulative training-occurrence cuts at {cuts}"]
+    header = f"{'bucket':<22}{'types':>8}{'train %':>9}{'tokens':>10}{'loss':>9}{'ppl':>11}{'acc':>8}{'ECE':>8}" \
+             f"{'H mean':>8}{'w mean':>8}"
+    lines += [header, "-" * len(header)]
+    rows = [(b["label"], b["num_types"], 100 * b["share_of_occurrences"], b) for b in result["buckets"]]
+    rows.append(("overall", sum(b["num_types"] for b in result["buckets"]), 100.0, result["overall"]))
+    for label, types, share, row in rows:
+        lines.append(
+            f"{label:<22}{types:>8}{share:>9.2f}{row['num_tokens']:>10}{_fmt(row['loss'], '.4f'):>9}"
+            f"{_fmt(row['ppl'], '.3f'):>11}{_fmt(row['accuracy'], '.3f'):>8}{_fmt(row['ece'], '.4f'):>8}"
+            f"{_fmt(row['entropy']['mean'], '.3f'):>8}{_fmt(row['weight']['mean'], '.3f'):>8}"
+        )
+    return "\n".join(lines)
+
+
+def format_lm_eval_table(result: dict) -> str:
+    """Plain-text table of ``lm_eval.json``: task, metric, value ± stderr, documents, shots."""
+    lines = [f"{'task':<16}{'metric':<13}{'value':>8}{'stderr':>9}{'n':>7}{'shots':>7}"]
+    for name, row in result["tasks"].items():
+        lines.append(f"{name:<16}{row['metric']:<13}{_fmt(row['value'], '.4f'):>8}{_fmt(row['stderr'], '.4f'):>9}"
+                     f"{row['n']:>7}{row['num_fewshot']:>7}")
+    if result.get("commonsense_average") is not None:
+        lines.append(f"{'average (8 common-sense tasks)':<44}{result['commonsense_average']:.4f}")
+    return "\n".join(lines)

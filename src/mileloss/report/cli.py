@@ -1,0 +1,39 @@
+"""``mileloss report RUN_DIR... --out REPORT_DIR``: a Markdown + HTML comparison of training runs.
+
+    mileloss report runs/ce runs/focal runs/mile --out reports/compare    # -> reports/compare/report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mileloss report",
+        description="Compare runs side by side (losses, per-bucket perplexity with deltas vs CE, benchmarks) "
+                    "and write report.md, a self-contained report.html and PNG figures.",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders written by `mileloss train` (and `mileloss eval`)")
+    parser.add_argument("--out", required=True, help="output folder for report.md, report.html and *.png")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mileloss.report.render import write_report
+
+    try:
+        report = write_report(args.runs, args.out)
+    except ValueError as error:
+        print(f"mileloss report: error: {error}", file=sys.stderr)
+        return 2
+    markdown = report.parent.joinpath("report.md").read_text().splitlines()
+    print(next(line for line in markdown if line.startswith("**Verdict:**")))
+    print(f"wrote {report} and {report.parent / 'report.md'}")
+    return 0

@@ -1,0 +1,119 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mileloss
+from mileloss.eval.buckets import frequency_buckets
+from mileloss.eval.perplexity import (
+    evaluate_perplexity,
+    expected_calibration_error,
+    iter_windows,
+    summarize_token_statistics,
+    token_statistics,
+)
+
+
+def _hand_stats():
+    # counts -> buckets of ids [0, 1, 2, 3, 4] = [high, low, high, high, medium] (see test_buckets)
+    buckets = frequency_buckets(np.array([5, 0, 3, 10, 2]), cut_points=(80, 95))
+    stats = {
+        "targets": np.array([3, 0, 2, 4, 1, 3]),
+        "ce": np.array([1.0, 2.0, 0.5, 3.0, 4.0, 1.5]),
+        "entropy": np.array([0.0, 1.0, 0.5, 1.5, 1.6, 0.2]),
+        "confidence": np.array([0.9, 0.2, 0.7, 0.1, 0.05, 0.6]),
+        "correct": np.array([True, False, True, False, False, True]),
+    }
+    return stats, buckets
+
+
+def test_per_bucket_perplexity_is_exp_of_mean_ce_of_targets_in_the_bucket():
+    stats, buckets = _hand_stats()
+    result = summarize_token_statistics(stats, buckets)
+    high, medium, low = result["buckets"]
+    assert [high["num_tokens"], medium["num_tokens"], low["num_tokens"]] == [4, 1, 1]
+    assert high["loss"] == pytest.approx(1.25) and high["ppl"] == pytest.approx(math.exp(1.25))
+    assert medium["ppl"] == pytest.approx(math.exp(3.0))
+    assert low["ppl"] == pytest.approx(math.exp(4.0))
+    assert result["overall"]["ppl"] == pytest.approx(math.exp(2.0))
+    assert result["overall"]["accuracy"] == pytest.approx(0.5)
+    assert high["accuracy"] == pytest.approx(0.75)
+    assert high["share_of_eval_tokens"] == pytest.approx(4 / 6)
+
+
+def test_mile_weight_statistics_use_sigma_plus_entropy_to_the_gamma():
+    stats, buckets = _hand_stats()
+    result = summarize_token_statistics(stats, buckets, sigma=1.0, gamma=1.0)
+    assert result["overall"]["weight"]["mean"] == pytest.approx(1.0 + stats["entropy"].mean())
+    assert result["buckets"][0]["entropy"]["mean"] == pytest.approx((0.0 + 1.0 + 0.5 + 0.2) / 4)
+    squared = summarize_token_statistics(stats, buckets, sigma=0.5, gamma=2.0)
+    assert squared["buckets"][1]["weight"]["mean"] == pytest.approx((0.5 + 1.5) ** 2)
+
+
+def test_histograms_have_fixed_edges_and_count_every_token():
+    stats, buckets = _hand_stats()
+    hist = summarize_token_statistics(stats, buckets, histogram_bins=10)["histograms"]
+    assert hist["entropy"]["edges"][0] == 0.0 and hist["entropy"]["edges"][-1] == pytest.approx(math.log(5))
+    assert sum(hist["entropy"]["overall"]) == 6 and sum(hist["weight"]["overall"]) == 6
+    assert [sum(h) for h in hist["entropy"]["buckets"]] == [4, 1, 1]
+
+
+def test_ece_on_a_hand_example():
+    confidence = np.array([0.1, 0.5, 0.55, 0.95, 1.0])
+    correct = np.array([False, True, False, True, True])
+    # bins (k/15, (k+1)/15]: {0.1} -> |0 - 0.1|, {0.5} -> |1 - 0.5|, {0.55} -> |0 - 0.55|, {0.95, 1.0} -> |1 - 0.975|
+    ece, bins = expected_calibration_error(confidence, correct)
+    assert ece == pytest.approx((0.1 + 0.5 + 0.55 + 2 * 0.025) / 5)
+    assert sum(bins["count"]) == 5 and bins["count"][14] == 2 and len(bins["edges"]) == 16
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy():
+    confidence = np.full(4, 0.75)
+    correct = np.array([True, True, True, False])
+    assert expected_calibration_error(confidence, correct)[0] == pytest.approx(0.0)
+
+
+def test_token_statistics_match_the_mile_loss_engine():
+    logits = torch.randn(37, 53, dtype=torch.float64) * 3
+    targets = torch.randint(0, 53, (37,))
+    stats = token_statistics(logits, targets)
+    _, engine = mileloss.mile_loss(logits, targets, reduction="none", return_stats=True)
+    np.testing.assert_allclose(stats["ce"], engine.ce.double().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["entropy"], engine.entropy.double().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(1 + stats["entropy"], engine.weight.double().numpy(), rtol=1e-5, atol=1e-5)
+    probs = logits.softmax(-1)
+    np.testing.assert_allclose(stats["confidence"], probs.max(-1).values.numpy())
+    assert (stats["correct"] == (probs.argmax(-1) == targets).numpy()).all()
+
+
+def test_windows_predict_every_token_but_the_first_exactly_once():
+    tokens = np.arange(11)
+    batches = list(iter_windows(tokens, seq_len=4, batch_size=3))
+    assert [b[0].shape for b in batches] == [(2, 4), (1, 2)]
+    assert np.concatenate([t.reshape(-1) for _, t in batches]).tolist() == list(range(1, 11))
+    assert np.concatenate([i.reshape(-1) for i, _ in batches]).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_overall_loss_equals_transformers_loss_on_one_window(checkpoint_dir, data_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir)).eval()
+    counts = np.load(data_dir / "train_token_counts.npy")
+    tokens = np.fromfile(data_dir / "val_00000.bin", dtype="<u2").astype(np.int64)[:33]
+    result = evaluate_perplexity(model, tokens, frequency_buckets(counts), seq_len=32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(tokens)[None], labels=torch.from_numpy(tokens)[None]).loss.item()
+    assert result["overall"]["num_tokens"] == 32
+    assert result["overall"]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert sum(b["num_tokens"] for b in result["buckets"]) == 32
+
+
+def test_max_tokens_caps_the_number_of_predicted_tokens(checkpoint_dir, data_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir)).eval()
+    counts = np.load(data_dir / "train_token_counts.npy")
+    tokens = np.fromfile(data_dir / "val_00000.bin", dtype="<u2").astype(np.int64)
+    result = evaluate_perplexity(model, tokens, frequency_buckets(counts), seq_len=16, batch_size=2, max_tokens=50)
+    assert result["overall"]["num_tokens"] == 50 and result["windows"]["num_windows"] == 4
