@@ -251,3 +251,27 @@ def test_runs_under_torch_compile_and_matches_eager():
     eager_loss, eager_grad = step()
     assert_close(compiled_loss, eager_loss, torch.float32)
     assert_close(compiled_grad, eager_grad, torch.float32)
+
+
+def test_weight_normalizer_matches_one_big_batch_and_propagates_nan():
+    logits, targets = make_batch(30, 11)
+    big = logits.clone().requires_grad_()
+    mileloss.mile_loss(big, targets).backward()
+    micro = logits.clone().requires_grad_()
+    normalizer = mileloss.WeightNormalizer()
+    for rows in (slice(0, 13), slice(13, 30)):
+        loss_sum, stats = mileloss.mile_loss(micro[rows], targets[rows], reduction="sum", return_stats=True)
+        (loss_sum * 0.25).backward()
+        normalizer.add(stats, 0.25)
+    loss = normalizer.rescale_gradients_([micro])
+    assert_close(loss, reference.loss(logits, targets, "mile"))
+    assert_close(micro.grad, big.grad)
+
+    poisoned = logits.clone()
+    poisoned[2, 3] = float("nan")
+    poisoned.requires_grad_()
+    loss_sum, stats = mileloss.mile_loss(poisoned, targets, reduction="sum", return_stats=True)
+    loss_sum.backward()
+    normalizer.add(stats)
+    assert torch.isnan(normalizer.rescale_gradients_([poisoned]))
+    assert torch.isnan(poisoned.grad).all()

@@ -60,10 +60,13 @@ class WeightNormalizer:
     def rescale_gradients_(self, parameters: Iterable[torch.Tensor]) -> torch.Tensor:
         """Multiply every ``.grad`` by ``world / (scale * W_global)``; return the global loss (0-d float64).
 
-        An all-ignored step (W = 0) zeroes the gradients and returns 0."""
+        An all-ignored step (W = 0) zeroes the gradients and returns 0; a non-finite weight sum (NaN logits
+        somewhere) returns NaN and makes the gradients NaN, never a silently finite step."""
         numerator, denominator = self.totals()
         world = 1 if self.process_group is None else dist.get_world_size(self.process_group)
-        if float(denominator) > 0:
+        if not bool(torch.isfinite(denominator) & torch.isfinite(numerator)):
+            factor, loss = float("nan"), numerator / denominator
+        elif float(denominator) > 0:
             factor, loss = world / (self.scale * float(denominator)), numerator / denominator
         else:
             factor, loss = 0.0, torch.zeros_like(numerator)
