@@ -1,0 +1,77 @@
+"""Process-group setup for ``torchrun`` (DDP): gloo on CPU, NCCL on CUDA, initialised from the env variables.
+
+A single process (``WORLD_SIZE`` unset or 1) runs without a process group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DistributedContext", "init_distributed", "resolve_device"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits: rank 0 of 1 without ``torchrun``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs, checkpoints and exports."""
+        return self.rank == 0
+
+    @property
+    def group(self):
+        """The process group to all-reduce over, ``None`` for a single process."""
+        return dist.group.WORLD if self.world_size > 1 else None
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def destroy(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``cuda`` -> ``cuda:<local_rank>``."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":
+        preference = f"cuda:{local_rank}"
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={preference!r} but CUDA is not available")
+    return device
+
+
+def init_distributed(device_preference: str) -> tuple[DistributedContext, torch.device]:
+    """Join the process group described by torchrun's env variables (if ``WORLD_SIZE`` > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext(), resolve_device(device_preference)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://")
+    logger.info("rank %d/%d on %s (%s)", rank, world_size, device, backend)
+    return DistributedContext(rank, world_size, local_rank), device

@@ -1,0 +1,277 @@
+"""The pretraining loop: a LLaMA-style model trained with CE, focal or MiLe loss on token shards.
+
+    mileloss train configs/tiny.yaml loss.kind=mile run.out=runs/mile
+    torchrun --nproc_per_node 2 -m mileloss train configs/tiny.yaml      # DDP, same global batch
+
+One optimizer step = ``grad_accum_steps`` micro-batches per process. The loss is computed from the last hidden
+states with the fused LM-head loss (the (tokens, vocab) logits never exist). With ``loss.normalize=weighted``
+each micro-batch back-propagates its unnormalised sum ``sum_i w_i CE_i`` and the gradients are divided once by
+the global ``sum_i w_i`` after the last micro-batch (``WeightNormalizer``), so the step's gradient equals that
+of one process on the whole global batch, whatever the accumulation and world size.
+
+Test hooks (environment variables): ``MILELOSS_TEST_NAN_AT_STEP=<k>`` poisons the forward pass of optimizer
+step k (1-based) with NaN; ``MILELOSS_TEST_SLEEP_AFTER_STEP=<k>:<seconds>`` pauses after step k is logged and
+checkpointed (so a test can kill the process at a known point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from mileloss.losses import WeightNormalizer, linear_token_weighted_loss
+from mileloss.models import build_model
+from mileloss.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from mileloss.train.config import TrainConfig, save_config
+from mileloss.train.distributed import DistributedContext, init_distributed
+from mileloss.train.export import export_final
+from mileloss.train.metrics import MetricsLogger
+from mileloss.train.preflight import PreparedRun, ResumeMismatchError, check_resume_compatible, prepare_run
+from mileloss.train.schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteLossError", "LanguageModelLoss", "build_optimizer", "evaluate", "train"]
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the run stops before the optimizer step."""
+
+
+class LanguageModelLoss(torch.nn.Module):
+    """``LlamaForCausalLM`` body + fused LM-head loss in one ``forward`` (so DDP sees one module).
+
+    ``forward(input_ids (B, T), labels (B, T))`` returns ``(loss, stats)`` from
+    :func:`mileloss.losses.linear_token_weighted_loss` with the given reduction.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: dict, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model, self.loss, self.autocast_dtype = model, loss, autocast_dtype
+        self.poison = False
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "sum", process_group=None):
+        hidden = self.model.model(input_ids=input_ids).last_hidden_state  # (B, T, D)
+        weight = self.model.lm_head.weight  # (V, D)
+        if self.autocast_dtype is not None:  # low-precision GEMMs in the loss, fp32 softmax math inside it
+            hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
+        if self.poison:
+            hidden = hidden * float("nan")
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_token_weighted_loss(
+                hidden, weight, labels, reduction=reduction, return_stats=True, process_group=process_group, **self.loss
+            )
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: safe under DDP)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (none on norms and biases, as in the paper)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # fused kernels on CUDA; the foreach path elsewhere (both are exact AdamW)
+    options = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps, **options)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, run: PreparedRun, context: DistributedContext) -> float:
+    """Plain cross-entropy (nats/token) over the first ``run.eval_batches`` global validation batches.
+
+    A global batch has ``batch_size * world_size`` rows and rank r evaluates its rows ``[r * B, (r + 1) * B)``,
+    so the value does not depend on how the batch is spread over processes.
+    """
+    from mileloss.data import iter_eval_batches
+
+    cfg = run.config.run
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=run.device)
+    rows = slice(context.rank * cfg.batch_size, (context.rank + 1) * cfg.batch_size)
+    batches = iter_eval_batches(run.manifest, split="val", batch_size=cfg.batch_size * context.world_size,
+                                seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
+    for input_ids, labels in batches:
+        input_ids, labels = input_ids[rows], labels[rows]
+        if len(input_ids) == 0:  # the last, partial global batch may not reach this rank
+            continue
+        with run.autocast():
+            hidden = model.model(input_ids=input_ids.to(run.device)).last_hidden_state
+        weight = model.lm_head.weight.to(hidden.dtype)
+        _, stats = linear_token_weighted_loss(hidden, weight, labels.to(run.device), weighting="ce",
+                                              reduction="sum", return_stats=True)
+        totals += torch.stack([stats.weighted_ce_sum.double(), stats.valid_count.double()])
+    context.all_reduce_sum(totals)
+    model.train()
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def train_step(wrapped: torch.nn.Module, loader, run: PreparedRun, context: DistributedContext) -> torch.Tensor:
+    """Forward/backward of ``grad_accum_steps`` micro-batches; leaves exact gradients in ``.grad``.
+
+    Returns the step's global loss (0-d float64; the weighted mean over every token of every rank).
+    """
+    cfg = run.config
+    accum = cfg.run.grad_accum_steps
+    paper = cfg.loss.normalize == "paper"
+    normalizer = None if paper else WeightNormalizer(process_group=context.group)
+    scale = 1.0 / (cfg.run.batch_size * cfg.run.seq_len * accum)
+    paper_loss = torch.zeros((), dtype=torch.float64, device=run.device)
+    non_finite = torch.zeros((), dtype=torch.float64, device=run.device)  # > 0 if any micro-batch loss is NaN/inf
+    for micro in range(accum):
+        input_ids, labels = (t.to(run.device, non_blocking=True) for t in loader.next_batch())
+        last = micro == accum - 1
+        # DDP: all-reduce the gradients only once, after the last micro-batch
+        sync = contextlib.nullcontext() if last or context.world_size == 1 else wrapped.no_sync()
+        with sync:
+            with run.autocast():
+                if paper:  # the official code: per-micro-batch mean, alpha averaged over ranks
+                    loss, _ = wrapped(input_ids, labels, reduction="mean", process_group=context.group)
+                else:
+                    loss, stats = wrapped(input_ids, labels, reduction="sum")
+            (loss / accum if paper else loss * scale).backward()
+        non_finite += (~torch.isfinite(loss.detach())).double()
+        if paper:
+            paper_loss += loss.detach().double() / accum
+        else:
+            normalizer.add(stats, scale)
+    parameters = [p for p in wrapped.parameters() if p.grad is not None]
+    if paper:
+        loss = context.all_reduce_sum(paper_loss) / context.world_size
+    else:
+        loss = normalizer.rescale_gradients_(parameters)
+    # a NaN weight sum must not pass for an empty batch: flag it explicitly (on every rank)
+    if context.all_reduce_sum(non_finite) > 0:
+        return torch.full_like(loss, float("nan"))
+    return loss
+
+
+def _resume(run: PreparedRun, model, optimizer, scheduler, loader, context) -> tuple[int, int]:
+    path = latest_checkpoint(run.checkpoint_dir)
+    if path is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", run.checkpoint_dir)
+        return 0, 0
+    state = load_checkpoint(path, map_location=run.device)
+    check_resume_compatible(state["config"], run.config, path)
+    if state["world_size"] != context.world_size:
+        raise ResumeMismatchError(f"cannot resume from {path}: written by {state['world_size']} processes, "
+                                  f"now {context.world_size} (the global batch would change)")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    logger.info("resumed from %s (step %d)", path, state["step"])
+    return state["step"], state["tokens"]
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train a model as ``config`` says and return the run directory (with ``final/`` exported).
+
+    All input problems (missing data, bad checksums, vocab mismatch...) raise before the first step.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (the newest checkpoint on disk stays valid).
+    """
+    context, device = init_distributed(config.run.device)
+    try:
+        return _train(config, resume, context, device)
+    finally:
+        context.destroy()
+
+
+def _train(config: TrainConfig, resume: bool, context: DistributedContext, device: torch.device) -> Path:
+    run = prepare_run(config, context, device)
+    config, cfg = run.config, run.config.run
+    from mileloss.data import TokenBatchLoader
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(config.model.preset, **run.model_kwargs).to(device)
+    if config.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    loss_wrapper = LanguageModelLoss(model, run.loss_kwargs, run.autocast_dtype)
+    optimizer = build_optimizer(model, config, device)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.optim.warmup_steps, total_steps=cfg.max_steps,
+                                min_lr_ratio=config.optim.min_lr_ratio)
+    loader = TokenBatchLoader(run.manifest, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                              seed=cfg.seed, rank=context.rank, world_size=context.world_size)
+    step, tokens = _resume(run, model, optimizer, scheduler, loader, context) if resume else (0, 0)
+    if cfg.compile:
+        model.model.compile()
+    wrapped = loss_wrapper
+    if context.world_size > 1:
+        wrapped = DistributedDataParallel(loss_wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+    if context.is_main:
+        save_config(config, run.run_dir / "config.yaml")
+    metrics = MetricsLogger(run.run_dir, resume_step=step if resume else None) if context.is_main else None
+    poison_step = int(os.environ.get("MILELOSS_TEST_NAN_AT_STEP", "0") or 0)
+    sleep_step, sleep_seconds = map(float, (os.environ.get("MILELOSS_TEST_SLEEP_AFTER_STEP") or "0:0").split(":"))
+
+    progress = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (cfg.progress and context.is_main))
+    interval_seconds, interval_tokens = 0.0, 0  # training time only: eval and checkpoints excluded
+    model.train()
+    while step < cfg.max_steps:
+        step_start = time.perf_counter()
+        loss_wrapper.poison = step + 1 == poison_step
+        loss = train_step(wrapped, loader, run, context)
+        if not math.isfinite(float(loss)):
+            last = latest_checkpoint(run.checkpoint_dir)
+            raise NonFiniteLossError(
+                f"non-finite training loss {float(loss)} at step {step + 1}; stopped before the optimizer step "
+                f"(last good checkpoint: {last or 'none'})"
+            )
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += run.tokens_per_step
+        interval_tokens += run.tokens_per_step
+        interval_seconds += time.perf_counter() - step_start
+
+        if context.is_main and cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            speed = interval_tokens / max(interval_seconds, 1e-9)
+            metrics.log("train", step=step, tokens=tokens, loss=float(loss), lr=lr, grad_norm=float(grad_norm),
+                        tokens_per_second=speed, time=time.time())
+            progress.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{speed:,.0f}")
+            interval_seconds, interval_tokens = 0.0, 0
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            val_loss = evaluate(model, run, context)
+            if context.is_main:
+                metrics.log("val", step=step, tokens=tokens, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)))
+                logger.info("step %d: val_loss %.4f", step, val_loss)
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            if context.is_main:
+                state = {"tokens": tokens, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                         "config": config.to_dict(), "world_size": context.world_size}
+                save_checkpoint(run.checkpoint_dir, step, state, keep=cfg.keep_checkpoints)
+            context.barrier()
+        progress.update(1)
+        if step == sleep_step:
+            time.sleep(sleep_seconds)
+    progress.close()
+    if context.is_main:
+        metrics.close()
+        export_final(model, run, steps=step, tokens=tokens)
+    context.barrier()
+    return run.run_dir

@@ -1,0 +1,87 @@
+"""Metric logs of a run: ``metrics.jsonl`` (every line), ``metrics.csv`` (training lines), TensorBoard (optional).
+
+Training lines: ``{"kind": "train", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_second", "time"}``;
+validation lines: ``{"kind": "val", "step", "tokens", "val_loss", "val_ppl"}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MetricsLogger", "read_metrics", "TRAIN_FIELDS"]
+
+TRAIN_FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_second", "time"]
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Lines of a ``metrics.jsonl``, optionally only those of one ``kind`` ("train" or "val")."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [line for line in lines if kind is None or line.get("kind") == kind]
+
+
+class MetricsLogger:
+    """Appends metric lines to the run directory's logs.
+
+    Args:
+        run_dir: the run directory.
+        resume_step: when resuming from the checkpoint of this step, lines with a larger step (written by the
+            interrupted process after its last checkpoint) are dropped so the logs read like one run.
+        tensorboard: also write TensorBoard scalars when ``torch.utils.tensorboard`` is importable.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.csv_path = run_dir / "metrics.csv"
+        if resume_step is None:
+            self.jsonl_path.write_text("")
+            self.csv_path.write_text(",".join(TRAIN_FIELDS) + "\n")
+        else:
+            self._truncate_after(resume_step)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.writer = None
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        text = self.jsonl_path.read_text() if self.jsonl_path.exists() else ""
+        for raw in text.splitlines():
+            try:
+                line = json.loads(raw)
+            except ValueError:  # the last line of a killed process may be cut short
+                logger.warning("dropping an incomplete line of %s: %r", self.jsonl_path, raw[:80])
+                continue
+            if line["step"] <= step:
+                kept.append(line)
+        self.jsonl_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        with open(self.csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, TRAIN_FIELDS)
+            writer.writeheader()
+            writer.writerows({k: line[k] for k in TRAIN_FIELDS} for line in kept if line["kind"] == "train")
+
+    def log(self, kind: str, **values: Any) -> None:
+        """Append one line of the given kind ("train" or "val")."""
+        line = {"kind": kind, **values}
+        with open(self.jsonl_path, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        if kind == "train":
+            with open(self.csv_path, "a", newline="") as handle:
+                csv.DictWriter(handle, TRAIN_FIELDS).writerow({k: values.get(k) for k in TRAIN_FIELDS})
+        if self.writer is not None:
+            for key, value in values.items():
+                if key not in ("step", "tokens", "time") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, values["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
