@@ -1,7 +1,7 @@
 """``mileloss reproduce``: the paper's comparison at the scale of this machine, end to end.
 
-    mileloss reproduce                                   # ~15 min on 2 CPU cores: Shakespeare, CE vs focal vs MiLe
-    mileloss reproduce --budget tiny                     # a minute or two: the CI smoke run
+    mileloss reproduce                                   # ~15-20 min on 2 CPU cores: Shakespeare, CE vs focal vs MiLe
+    mileloss reproduce --budget tiny                     # a few minutes: the run the test suite makes
     mileloss reproduce --budget long --seeds 111,112,113 --corpus kjv
 
 Stages: prepare the corpus (tokenizer + shards), train one run per (loss, seed) with the same seed, data
@@ -50,12 +50,12 @@ BUDGETS = {
     "tiny": Budget(vocab_size=1024, preset="tiny", max_steps=30, batch_size=8, seq_len=64, lr=2e-3,
                    warmup_steps=5, eval_every=15, eval_batches=4, ppl_max_tokens=8192, tasks=("arc_easy",),
                    task_limit=4),
-    # the README's main job: about 15 minutes on 2 CPU cores
+    # the README's main job: three 1M-token runs, roughly 15-20 minutes on 2 CPU cores
     "smoke": Budget(vocab_size=4096, preset="tiny", max_steps=500, batch_size=16, seq_len=128, lr=1e-3,
                     warmup_steps=50, eval_every=100, eval_batches=16, ppl_max_tokens=65536,
                     tasks=("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa",
                            "social_iqa", "triviaqa"), task_limit=50),
-    # docs/results.md: longer runs, the same pipeline
+    # longer runs, the same pipeline (12M tokens per run: hours on 2 CPU cores)
     "long": Budget(vocab_size=8192, preset="tiny", max_steps=3000, batch_size=16, seq_len=256, lr=1e-3,
                    warmup_steps=200, eval_every=250, eval_batches=32, ppl_max_tokens=None,
                    tasks=("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa",
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mileloss reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="smoke", choices=sorted(BUDGETS),
-                        help="how much work: tiny (CI, ~2 min), smoke (default, ~15 min), long")
+                        help="how much work: tiny (minutes), smoke (default, ~15-20 min on 2 cores), long (hours)")
     parser.add_argument("--out", help="output folder (default reports/<budget>)")
     parser.add_argument("--corpus", default="shakespeare", help="named corpus or local path (default shakespeare)")
     parser.add_argument("--seeds", default="111", help="comma-separated training seeds (default 111, the paper's)")
