@@ -146,6 +146,13 @@ def test_per_token_stats_match_the_oracle_and_sum_up():
     assert int(stats.valid_count) == int((targets != reference.IGNORE).sum())
 
 
+@pytest.mark.parametrize("weighting", ["ce", "focal"])
+def test_per_token_entropy_is_reported_for_every_weighting(weighting):
+    logits, targets = make_batch(17, 23)
+    _, stats = mileloss.token_weighted_loss(logits, targets, weighting=weighting, return_stats=True, chunk_size=5)
+    assert_close(stats.entropy, reference.per_token_terms(logits, targets, weighting, 1.0, 1.0)[1], what="entropy")
+
+
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("normalize", ["weighted", "none", "paper"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -38,10 +38,12 @@ class LossSpec:
     detach_weight: bool = True
     process_group: Any = field(default=None, compare=False)
     chunk_size: int | None = None
+    return_stats: bool = False
 
     @property
     def needs_entropy(self) -> bool:
-        return self.weighting == "mile"
+        """MiLe's weight needs it; the per-token stats report it for every weighting."""
+        return self.weighting == "mile" or self.return_stats
 
     @property
     def single_pass(self) -> bool:
@@ -204,9 +206,9 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
     entropy = torch.zeros_like(d)
     if spec.needs_entropy:
         correction = _clamp_correction(z, e, log_d, d) if spec.normalize == "paper" else 0.0
-        # sum_v e_v (z_v - m) per row. A detached weight never needs z again, so the product overwrites z
-        # (no third (C, V) buffer); otherwise vecdot (5x faster than a batched (1, V) @ (V, 1) bmm on CPU).
-        if spec.detach_weight:
+        # sum_v e_v (z_v - m) per row. Only a non-detached MiLe weight reads z again, so otherwise the product
+        # overwrites z (no third (C, V) buffer); else vecdot (5x faster than a (1, V) @ (V, 1) bmm on CPU).
+        if spec.detach_weight or spec.weighting != "mile":
             dot = z.mul_(e).sum(dim=1)
         else:
             dot = torch.linalg.vecdot(e, z)

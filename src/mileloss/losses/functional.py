@@ -141,7 +141,7 @@ def token_weighted_loss(
         ShapeError, DTypeError, DeviceError, TargetRangeError, ParameterError (all ``ValueError``).
     """
     spec = LossSpec(weighting, float(gamma), float(sigma), ignore_index, reduction, normalize, detach_weight,
-                    process_group, chunk_size)
+                    process_group, chunk_size, return_stats)
     _check_spec(spec)
     _check_float("logits", logits, 1)
     _check_devices(logits=logits, targets=targets)
@@ -181,7 +181,7 @@ def linear_token_weighted_loss(
         Other arguments as in :func:`token_weighted_loss`.
     """
     spec = LossSpec(weighting, float(gamma), float(sigma), ignore_index, reduction, normalize, detach_weight,
-                    process_group, chunk_size)
+                    process_group, chunk_size, return_stats)
     _check_spec(spec)
     _check_float("hidden", hidden, 1)
     _check_float("weight", weight, 2)
