@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,50 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigValueError(f"{key}: {message}")
 
 
+# Integers must fit a signed 64-bit integer: torch and numpy take them as C longs.
+MAX_INT = 2**63 - 1
+MAX_THREADS = 1024
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _check_types(config: Any, section: str) -> None:
+    """Every field of a section dataclass must have its annotated type exactly (checked before any range).
+
+    A bool is not accepted for an int or float field (``True`` would silently become 1); an int is accepted for a
+    float field and converted; floats must be finite; ints must fit 64 bits. Raises :class:`ConfigValueError`
+    naming the key and the value.
+    """
+    for name, hint in _field_types(type(config)).items():
+        key, value = f"{section}.{name}", getattr(config, name)
+        args = typing.get_args(hint)
+        if value is None:
+            _check(type(None) in args, key, "may not be null")
+            continue
+        base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
+        if typing.get_origin(base) is tuple:
+            _check(isinstance(value, (tuple, list)) and len(value) == len(typing.get_args(base)), key,
+                   f"must be a list of {len(typing.get_args(base))} numbers, got {value!r}")
+            items = [_typed_scalar(item, float, key) for item in value]
+            setattr(config, name, tuple(items))
+        else:
+            setattr(config, name, _typed_scalar(value, base, key))
+
+
+def _typed_scalar(value: Any, base: type, key: str) -> Any:
+    if base is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+    elif base is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        _check(-MAX_INT - 1 <= value <= MAX_INT, key, f"must fit in 64 bits, got {value}")
+    elif base is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        value = float(value)
+        _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+    elif base is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+    return value
+
+
 @dataclasses.dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -70,10 +115,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from mileloss.models import PRESETS
 
+        _check_types(self, "model")
         _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        _check(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "must be positive")
-        _check(self.num_hidden_layers is None or self.num_hidden_layers > 0, "model.num_hidden_layers", "must be > 0")
-        _check(self.initializer_range is None or self.initializer_range > 0, "model.initializer_range", "must be > 0")
+        _check(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size",
+               f"must be positive, got {self.vocab_size}")
+        _check(self.num_hidden_layers is None or self.num_hidden_layers > 0, "model.num_hidden_layers",
+               f"must be > 0, got {self.num_hidden_layers}")
+        _check(self.initializer_range is None or self.initializer_range > 0, "model.initializer_range",
+               f"must be > 0, got {self.initializer_range}")
 
 
 @dataclasses.dataclass
@@ -84,7 +133,8 @@ class DataConfig:
     """Check every shard's sha256 against the manifest before training."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.dir), "data.dir", "must be a non-empty path")
+        _check_types(self, "data")
+        _check(bool(self.dir.strip()) and "\0" not in self.dir, "data.dir", f"must be a non-empty path, got {self.dir!r}")
 
 
 @dataclasses.dataclass
@@ -101,12 +151,13 @@ class LossConfig:
     """Rows per chunk in the fused LM-head loss (``null``: the library's default)."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "loss")
         _check(self.kind in ("ce", "focal", "mile"), "loss.kind", f"must be ce, focal or mile, got {self.kind!r}")
-        _check(self.gamma >= 0 and math.isfinite(self.gamma), "loss.gamma", f"must be >= 0, got {self.gamma}")
-        _check(self.sigma >= 0 and math.isfinite(self.sigma), "loss.sigma", f"must be >= 0, got {self.sigma}")
+        _check(self.gamma >= 0, "loss.gamma", f"must be >= 0, got {self.gamma}")
+        _check(self.sigma >= 0, "loss.sigma", f"must be >= 0, got {self.sigma}")
         _check(self.normalize in ("weighted", "paper"), "loss.normalize",
                f"must be weighted or paper, got {self.normalize!r}")
-        _check(self.chunk_size is None or self.chunk_size > 0, "loss.chunk_size", "must be > 0")
+        _check(self.chunk_size is None or self.chunk_size > 0, "loss.chunk_size", f"must be > 0, got {self.chunk_size}")
 
 
 @dataclasses.dataclass
@@ -127,15 +178,14 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 disables clipping)."""
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
+        _check_types(self, "optim")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               "must be two values in [0, 1)")
-        _check(self.eps > 0, "optim.eps", "must be > 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two values in [0, 1), got {list(self.betas)}")
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
 
 
 @dataclasses.dataclass
@@ -176,6 +226,9 @@ class RunConfig:
     """Show a tqdm progress bar (rank 0 only)."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "run")
+        _check(bool(self.out.strip()) and "\0" not in self.out, "run.out", f"must be a non-empty path, got {self.out!r}")
+        _check(0 <= self.seed <= MAX_INT, "run.seed", f"must be an integer in [0, 2**63), got {self.seed}")
         _check(self.max_steps is not None or self.max_tokens is not None, "run.max_steps",
                "set run.max_steps or run.max_tokens")
         _check(self.max_steps is None or self.max_steps > 0, "run.max_steps", f"must be > 0, got {self.max_steps}")
@@ -183,13 +236,14 @@ class RunConfig:
         _check(self.batch_size > 0, "run.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.seq_len is None or self.seq_len > 1, "run.seq_len", f"must be > 1, got {self.seq_len}")
         _check(self.grad_accum_steps > 0, "run.grad_accum_steps", f"must be > 0, got {self.grad_accum_steps}")
-        for key in ("eval_every", "checkpoint_every", "log_every", "eval_batches"):
-            _check(getattr(self, key) >= 0, f"run.{key}", "must be >= 0")
-        _check(self.keep_checkpoints > 0, "run.keep_checkpoints", "must be > 0")
+        for key in ("eval_every", "checkpoint_every", "log_every"):
+            _check(getattr(self, key) >= 0, f"run.{key}", f"must be >= 0 (0: never), got {getattr(self, key)}")
+        _check(self.eval_batches > 0, "run.eval_batches", f"must be > 0, got {self.eval_batches}")
+        _check(self.keep_checkpoints > 0, "run.keep_checkpoints", f"must be > 0, got {self.keep_checkpoints}")
         _check(self.dtype in ("auto", "bf16", "fp32"), "run.dtype", f"must be auto, bf16 or fp32, got {self.dtype!r}")
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "run.device",
-               "must be auto, cpu or cuda[:N]")
-        _check(self.num_threads is None or self.num_threads > 0, "run.num_threads", "must be > 0")
+        _check(bool(_DEVICE.match(self.device)), "run.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.num_threads is None or 0 < self.num_threads <= MAX_THREADS, "run.num_threads",
+               f"must be in [1, {MAX_THREADS}], got {self.num_threads}")
 
 
 @dataclasses.dataclass
@@ -244,7 +298,7 @@ def _all_keys() -> list[str]:
 
 
 def _suggest(key: str, candidates) -> str:
-    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    match = difflib.get_close_matches(str(key), list(candidates), n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(candidates)}"
 
 
@@ -267,27 +321,57 @@ def _coerce(value: Any, types: dict[str, Any], key: str) -> Any:
             return None
         raise ConfigValueError(f"{key}: may not be null")
     base = next((a for a in args if a is not type(None)), hint) if optional else hint
-    try:
-        if base is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if base is float:
+    if typing.get_origin(base) is tuple:
+        items = value
+        if isinstance(value, str):
+            try:
+                items = yaml.safe_load(value)
+            except yaml.YAMLError:
+                items = value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigValueError(f"{key}: must be a list such as [0.9, 0.95], got {value!r}")
+        return tuple(_coerce_scalar(item, float, key) for item in items)
+    return _coerce_scalar(value, base, key)
+
+
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def _coerce_scalar(value: Any, base: type, key: str) -> Any:
+    """One value read from YAML or the command line, converted to ``base`` without silent reinterpretation."""
+    what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, str(base))
+    problem = ConfigValueError(f"{key}: must be {what}, got {value!r}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise problem
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigValueError(f"{key}: must be a string, got {value!r} (quote it in YAML)")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise problem
+    if base is float:
+        try:
             return float(value)
-        if base is str:
-            return str(value)
-        if typing.get_origin(base) is tuple:
-            items = yaml.safe_load(value) if isinstance(value, str) else value
-            return tuple(float(v) for v in items)
-    except (TypeError, ValueError):
-        raise ConfigValueError(f"{key}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
-    return value
+        except ValueError:
+            raise problem from None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)  # "12" or a huge integer, exactly
+        except ValueError:
+            pass
+    try:
+        number = float(value)  # 1e6 or "1e6"
+    except ValueError:
+        raise problem from None
+    if not number.is_integer():
+        raise problem
+    return int(number)
 
 
 def parse_override_args(args: list[str]) -> dict[str, str]:
@@ -317,8 +401,22 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str,
         if key not in valid:
             raise ConfigKeyError(f"unknown config key {key!r}{_suggest(key, valid)}")
         section, name = key.split(".", 1)
-        merged.setdefault(section, {})[name] = yaml.safe_load(text) if isinstance(text, str) else text
+        merged.setdefault(section, {})[name] = _parse_override(key, text)
     return merged
+
+
+def _parse_override(key: str, text: Any) -> Any:
+    """A command-line value: raw text for string fields (``run.out=1.10`` stays "1.10"), else parsed as YAML."""
+    if not isinstance(text, str):
+        return text
+    section, name = key.split(".", 1)
+    if _field_types(SECTIONS[section])[name] is str:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        reason = str(error).splitlines()[0]
+        raise ConfigValueError(f"{key}: cannot read {text!r} ({reason})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, str] | list[str] | None = None) -> TrainConfig:
@@ -337,12 +435,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
         source = str(path)
         if not Path(path).is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            reason = " ".join(str(error).split())
+            raise ConfigValueError(f"{path}: cannot read the config file as YAML: {reason}") from None
         if not isinstance(raw, dict):
             raise ConfigValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for section in raw:
+        for section, values in raw.items():
             if section not in SECTIONS:
-                raise ConfigKeyError(f"{path}: unknown section {section!r}{_suggest(section, SECTIONS)}")
+                raise ConfigKeyError(f"{path}: unknown section {section!r}{_suggest(str(section), SECTIONS)}")
+            if values is not None and not isinstance(values, dict):
+                raise ConfigValueError(f"{path}: section {section!r} must be a mapping of keys, got {values!r}")
         for section, values in raw.items():
             for key in values or {}:
                 dotted = f"{section}.{key}"
