@@ -21,7 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: mileloss <verb> [args...]", "", "verbs:"]
+    lines = ["usage: mileloss [--version] <verb> [args...]", "", "verbs:"]
     lines += [f"  {verb:<10} {help_text}" for verb, (_, help_text) in VERBS.items()]
     lines += ["", "Run `mileloss <verb> --help` for the verb's options."]
     return "\n".join(lines)
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mileloss import __version__
+
+        print(f"mileloss {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
