@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mileloss.data.shards import ShardInfo, ShardManifest, SplitInfo, hash_and_count, shard_name
+from mileloss.data.shards import (
+    TOKEN_COUNTS_FILE,
+    ShardInfo,
+    ShardManifest,
+    SplitInfo,
+    describe_file,
+    hash_and_count,
+    shard_name,
+)
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "tas", "vu", "shi", "do", "pe", "nor", "qua", "zel", "ith", "um", "é", "ü"]
 PUNCTUATION = [".", ",", ";", "!", "?", " --"]
@@ -46,18 +54,22 @@ def corpus_dir(tmp_path: Path, texts: list[str]) -> Path:
 
 
 def _write_data_dir(folder: Path, splits: dict[str, list[np.ndarray]], vocab_size: int, dtype="uint16") -> Path:
-    """A data directory with the given shards per split (no tokenizer folder: load with verify=False)."""
+    """A data directory with the given shards per split and their token counts (no tokenizer folder: load
+    with verify=False)."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(dtype)
     infos = {}
+    counts = np.zeros(vocab_size, dtype=np.int64)
     for split, shards in splits.items():
         shard_infos = []
         for index, tokens in enumerate(shards):
             path = folder / shard_name(split, index)
             path.write_bytes(np.asarray(tokens, dtype=dtype).tobytes())
-            digest, _ = hash_and_count(path, dtype, None)
+            digest, shard_counts = hash_and_count(path, dtype, vocab_size)
+            counts += shard_counts if split == "train" else 0
             shard_infos.append(ShardInfo(path.name, len(tokens), digest))
         infos[split] = SplitInfo(sum(len(tokens) for tokens in shards), shard_infos, len(shards))
+    np.save(folder / TOKEN_COUNTS_FILE, counts)
     manifest = ShardManifest(
         path=folder,
         corpus="synthetic",
@@ -67,6 +79,7 @@ def _write_data_dir(folder: Path, splits: dict[str, list[np.ndarray]], vocab_siz
         eos_token_id=0,
         seed=0,
         splits=infos,
+        files=[describe_file(folder, TOKEN_COUNTS_FILE)],
     )
     manifest.save()
     return folder

@@ -11,7 +11,9 @@ from transformers import AutoTokenizer
 
 from mileloss.data import (
     DataError,
+    FileChecksumError,
     ManifestError,
+    OutputDirError,
     ShardChecksumError,
     TokenizerMismatchError,
     load_manifest,
@@ -116,11 +118,18 @@ def test_truncated_or_missing_shard_raises_even_without_verify(tmp_path, corpus_
         load_manifest(manifest.path, verify=False)
 
 
-def test_tokenizer_with_other_vocab_size_raises_tokenizer_mismatch(tmp_path, corpus_dir):
+def test_swapped_tokenizer_is_caught_by_its_checksum_then_by_its_vocab_size(tmp_path, corpus_dir):
     manifest = prepare_corpus([corpus_dir], tmp_path / "data", vocab_size=VOCAB, progress=False)
     other = prepare_corpus([corpus_dir], tmp_path / "other", vocab_size=VOCAB - 50, progress=False)
     for file in manifest.tokenizer_dir.iterdir():
         file.write_bytes((other.tokenizer_dir / file.name).read_bytes())
+    with pytest.raises(FileChecksumError, match="tokenizer/tokenizer.json"):
+        load_manifest(manifest.path)
+    # the same swap with the manifest's file entries rewritten to match: the vocabulary still disagrees
+    data = json.loads(manifest.manifest_path.read_text())
+    data["files"] = [entry for entry in data["files"] if not entry["file"].startswith("tokenizer/")]
+    data["files"] += [vars(info) for info in other.files if info.file.startswith("tokenizer/")]
+    manifest.manifest_path.write_text(json.dumps(data))
     with pytest.raises(TokenizerMismatchError, match=f"{VOCAB - 50} ids.*vocab_size {VOCAB}"):
         load_manifest(manifest.path)
 
@@ -128,9 +137,9 @@ def test_tokenizer_with_other_vocab_size_raises_tokenizer_mismatch(tmp_path, cor
 def test_unknown_manifest_version_raises_manifest_error(tmp_path, corpus_dir):
     manifest = prepare_corpus([corpus_dir], tmp_path / "data", vocab_size=VOCAB, progress=False)
     data = json.loads(manifest.manifest_path.read_text())
-    data["version"] = 2
+    data["version"] = 3
     manifest.manifest_path.write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match="version 2"):
+    with pytest.raises(ManifestError, match="version 3"):
         load_manifest(manifest.path)
     with pytest.raises(ManifestError, match="no manifest"):
         load_manifest(tmp_path / "nowhere")
@@ -167,18 +176,21 @@ def test_two_documents_always_give_one_train_and_one_val_document(tmp_path, text
     assert manifest.splits["train"].num_documents == 1 and manifest.splits["val"].num_documents == 1
 
 
-def test_rerun_replaces_a_data_directory_but_refuses_any_other_folder(tmp_path, corpus_dir):
+def test_rerun_replaces_a_data_directory_only_with_overwrite_and_refuses_any_other_folder(tmp_path, corpus_dir):
     out = tmp_path / "data"
     prepare_corpus([corpus_dir], out, vocab_size=VOCAB, max_shard_tokens=500, progress=False)
-    manifest = prepare_corpus([corpus_dir], out, vocab_size=VOCAB, progress=False)
+    with pytest.raises(OutputDirError, match="already holds mileloss data.*--overwrite"):
+        prepare_corpus([corpus_dir], out, vocab_size=VOCAB, progress=False)
+    assert len(list(out.glob("*.bin"))) > 2, "the refused run left the data as it was"
+    manifest = prepare_corpus([corpus_dir], out, vocab_size=VOCAB, progress=False, overwrite=True)
     assert sorted(p.name for p in out.glob("*.bin")) == ["train_00000.bin", "val_00000.bin"]
     load_manifest(manifest.path)
     assert not list(tmp_path.glob(".data.*")), "staging folders are cleaned up"
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")
-    with pytest.raises(DataError, match="not a mileloss data directory"):
-        prepare_corpus([corpus_dir], precious, vocab_size=VOCAB, progress=False)
+    with pytest.raises(DataError, match="not a data folder written by `mileloss data`"):
+        prepare_corpus([corpus_dir], precious, vocab_size=VOCAB, progress=False, overwrite=True)
     assert (precious / "thesis.tex").read_text() == "do not delete"
 
 

@@ -16,12 +16,18 @@ from mileloss.data.errors import (
     CorpusNotFoundError,
     DataError,
     EmptyCorpusError,
+    FileChecksumError,
+    IncompleteDataError,
     LoaderStateError,
     ManifestError,
+    OutputDirBusyError,
+    OutputDirError,
     ShardChecksumError,
     SplitTooShortError,
     TokenizerError,
     TokenizerMismatchError,
+    TokenRangeError,
+    UnsafeArchiveError,
 )
 from mileloss.data.loader import TokenBatchLoader, iter_eval_batches
 from mileloss.data.prepare import prepare_corpus
@@ -45,6 +51,12 @@ __all__ = [
     "TokenizerMismatchError",
     "ManifestError",
     "ShardChecksumError",
+    "FileChecksumError",
+    "TokenRangeError",
+    "IncompleteDataError",
+    "OutputDirError",
+    "OutputDirBusyError",
+    "UnsafeArchiveError",
     "SplitTooShortError",
     "LoaderStateError",
 ]

@@ -3,13 +3,20 @@
 mileloss data --corpus shakespeare --out data/shakespeare               # ~1 min on 2 CPUs
 mileloss data --corpus notes/ web.jsonl --text-field body --out data/mine --vocab-size 16384
 mileloss data --corpus kjv --tokenizer data/shakespeare/tokenizer --out data/kjv
+mileloss data --corpus shakespeare --out data/shakespeare --overwrite  # replace an earlier data folder
+
+--out must be absent, empty, or (with --overwrite) a folder an earlier `mileloss data` wrote and that holds
+nothing else; anything else is refused untouched. A killed run leaves --out as it was; the next run removes
+what the killed one left beside it. Errors are one line on stderr, exit code 2 (130 when interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 
 from mileloss.data.errors import DataError
@@ -28,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_PATH",
         help="named corpora (shakespeare, kjv, austen) and/or .txt/.jsonl files or folders of them",
     )
-    parser.add_argument("--out", required=True, help="data directory to write (replaced if it is one already)")
+    parser.add_argument("--out", required=True, help="data directory to write (absent, empty, or see --overwrite)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if an earlier `mileloss data` wrote it (a folder with anything else is never replaced)",
+    )
     parser.add_argument("--text-field", default="text", help="text field of .jsonl records (default: text)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default: 8192)")
     parser.add_argument("--tokenizer", help="use this Hugging Face tokenizer folder instead of training one")
@@ -47,12 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the run removes its staging folder
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mileloss.data.prepare import prepare_corpus
 
     started = time.perf_counter()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
         manifest = prepare_corpus(
             args.corpus,
@@ -65,10 +83,21 @@ def main(argv: list[str]) -> int:
             max_shard_tokens=args.max_shard_tokens,
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except (DataError, ValueError) as error:
         print(f"mileloss data: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a disk that fills up or goes away mid-run: say what and where, no traceback
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"mileloss data: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mileloss data: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     seconds = time.perf_counter() - started
     train, val = manifest.splits["train"], manifest.splits["val"]
     print(f"corpus      {manifest.corpus} -> {manifest.path}")

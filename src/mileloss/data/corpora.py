@@ -9,13 +9,17 @@ A corpus is a list of *sources*, read in the order given:
 * a folder: every ``.txt`` and ``.jsonl`` file below it, recursively, in sorted path order.
 
 Documents that hold only whitespace are skipped. A text file larger than ``LARGE_FILE_BYTES`` is never
-held in memory: it is read in blocks cut just before a whitespace character that follows a
-non-whitespace one. Byte-level BPE pre-tokenization (the GPT-2 regex) always splits at such a place, so
-encoding the blocks one after the other gives exactly the tokens of the whole file.
+held in memory: it is read in blocks. Every document reaches the tokenizer in pieces of about
+``BLOCK_CHARS`` characters, cut just before a whitespace character that follows a non-whitespace one.
+Byte-level BPE pre-tokenization (the GPT-2 regex) always splits at such a place, so encoding the pieces
+one after the other gives exactly the tokens of the whole text, and the tokenizer's working memory
+(tens of bytes per character of the text it is given at once) stays bounded whatever the document's
+size. A text with no such place for ``MAX_PIECE_CHARS`` characters is refused as not being text.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,8 +32,9 @@ from mileloss.data.errors import CorpusFormatError, CorpusNotFoundError, EmptyCo
 
 logger = logging.getLogger(__name__)
 
-LARGE_FILE_BYTES = 64 * 2**20  # text files above this are streamed in blocks
-BLOCK_CHARS = 16 * 2**20  # characters per block when streaming
+LARGE_FILE_BYTES = 8 * 2**20  # text files above this are streamed in blocks, never read whole
+BLOCK_CHARS = 2**20  # characters per piece handed to the tokenizer (and per read when streaming)
+MAX_PIECE_CHARS = 64 * 2**20  # a "word" longer than this (no whitespace at all) is refused
 CORPUS_SUFFIXES = (".txt", ".jsonl")  # what a folder source contributes
 _SPACE_AFTER_WORD = re.compile(r"\S(?=\s)")
 
@@ -48,12 +53,27 @@ class Document:
     text: str | None = None
     path: Path | None = None
 
-    def chunks(self, block_chars: int = BLOCK_CHARS) -> Iterator[str]:
-        """The text in pieces whose concatenation is the document (one piece unless streamed)."""
+    def chunks(self, block_chars: int | None = None) -> Iterator[str]:
+        """The text in pieces of about ``block_chars`` characters whose concatenation is the document.
+
+        Pieces end just before whitespace that follows a non-whitespace character (see the module
+        docstring); a streamed document is read from ``path`` one block at a time.
+
+        Raises:
+            CorpusFormatError: the file is not UTF-8, or has no whitespace for ``MAX_PIECE_CHARS`` characters.
+        """
+        block_chars = BLOCK_CHARS if block_chars is None else block_chars
         if self.text is not None:
-            yield self.text
+            if len(self.text) <= block_chars:
+                yield self.text
+                return
+            yield from _pieces(io.StringIO(self.text), block_chars, self.name)
             return
-        yield from _read_blocks(self.path, block_chars)
+        try:
+            with _open_text(self.path) as handle:
+                yield from _pieces(handle, block_chars, self.name)
+        except UnicodeDecodeError as error:
+            raise CorpusFormatError(f"{self.path}: not valid UTF-8 text ({error.reason})") from error
 
 
 def _safe_cut(text: str) -> int:
@@ -67,20 +87,23 @@ def _safe_cut(text: str) -> int:
     return ends[-1] if ends else 0
 
 
-def _read_blocks(path: Path, block_chars: int) -> Iterator[str]:
+def _pieces(handle, block_chars: int, name: str) -> Iterator[str]:
     pending = ""
-    with _open_text(path) as handle:
-        while True:
-            block = handle.read(block_chars)
-            pending += block
-            if not block:
-                if pending:
-                    yield pending
-                return
-            cut = _safe_cut(pending)
-            if cut:  # no safe cut yet (one giant word): keep reading
-                yield pending[:cut]
-                pending = pending[cut:]
+    while True:
+        block = handle.read(block_chars)
+        pending += block
+        if not block:
+            if pending:
+                yield pending
+            return
+        cut = _safe_cut(pending)
+        if cut:
+            yield pending[:cut]
+            pending = pending[cut:]
+        elif len(pending) > MAX_PIECE_CHARS:  # no safe cut yet (one giant word): keep reading, up to a limit
+            raise CorpusFormatError(
+                f"{name}: {len(pending):,} characters without a space or line break; not natural-language text"
+            )
 
 
 def _open_text(path: Path):

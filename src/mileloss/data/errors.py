@@ -24,7 +24,7 @@ class CorpusFormatError(DataError):
 
 
 class CorpusFetchError(DataError):
-    """A named corpus could not be downloaded, or its cached download fails its checksum."""
+    """A named corpus could not be downloaded, or the download (or its cached copy) fails its pinned sha256."""
 
 
 class TokenizerError(DataError):
@@ -49,3 +49,27 @@ class SplitTooShortError(DataError):
 
 class LoaderStateError(DataError):
     """A loader ``state_dict`` was saved for other data, another sequence length or another seed."""
+
+
+class FileChecksumError(ShardChecksumError):
+    """A non-shard file of a data directory (token counts, a tokenizer file) is missing or changed."""
+
+
+class TokenRangeError(DataError):
+    """A shard holds a token id outside ``[0, vocab_size)``: the shards and the manifest disagree."""
+
+
+class IncompleteDataError(ManifestError):
+    """The folder is the unfinished output of a ``mileloss data`` run that was killed or failed."""
+
+
+class OutputDirError(DataError):
+    """``--out`` cannot be written: it is a file, a folder not written by mileloss, unwritable, or in use."""
+
+
+class OutputDirBusyError(OutputDirError):
+    """Another ``mileloss data`` process is writing the same ``--out`` right now."""
+
+
+class UnsafeArchiveError(CorpusFormatError):
+    """A downloaded archive has a member with an absolute or ``..`` path, a link, or an absurd size."""

@@ -81,10 +81,10 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise TokenizerError(f"tokenizer folder {path} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as error:
-        raise TokenizerError(f"cannot load a tokenizer from {path}: {error}") from error
+    try:  # a local folder only, and never code from it (auto_map classes need trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as error:  # transformers raises many kinds on a malformed folder; name the folder
+        raise TokenizerError(f"cannot load a tokenizer from {path}: {type(error).__name__}: {error}") from error
     if tokenizer.eos_token_id is None:
         raise TokenizerError(f"tokenizer at {path} has no eos token; documents are separated by eos")
     return tokenizer
@@ -121,10 +121,14 @@ def tokenizer_vocab_size(tokenizer_or_folder) -> int:
 
 
 def encode_batch(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-    """Token ids of each text (no special tokens added), as int64 arrays; batched in Rust when possible."""
+    """Token ids of each text (no special tokens added), as int64 arrays; batched in Rust when possible.
+
+    ``encode_batch_fast`` (tokenizers >= 0.20) skips the character offsets, which we do not use.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     return [np.asarray(row, dtype=np.int64) for row in ids]
