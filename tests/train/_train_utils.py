@@ -40,3 +40,91 @@ def run_training(args: list[str], resume: bool = False, **env: str) -> subproces
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+# A training process that pauses at a chosen point so that a test can SIGKILL it there. It is written by the test
+# into its tmp_path and run with `python SCRIPT PLAN_JSON OVERRIDES...`; PLAN_JSON holds "ready" (a file created when
+# the pause point is reached), "resume", and one pause point: "after_step": k (after step k is logged, evaluated and
+# checkpointed), "checkpoint_stage": [k, stage] (inside the checkpoint write of step k, see checkpoint.StageCallback),
+# or "checkpoint_bytes": [k, n] (after n bytes of step k's checkpoint reached the temporary file).
+PAUSING_TRAINER = '''
+import json
+import sys
+import time
+from pathlib import Path
+
+import mileloss.train.checkpoint as checkpoint
+from mileloss.train import TrainHooks, load_config, train
+
+plan = json.loads(sys.argv[1])
+ready = Path(plan["ready"])
+current = {"step": 0}
+
+
+def pause():
+    ready.write_text("paused")
+    time.sleep(600)
+
+
+def step_start(step, model):
+    current["step"] = step
+
+
+def step_end(step):
+    if step == plan.get("after_step"):
+        pause()
+
+
+def checkpoint_stage(stage, path):
+    step, wanted = plan.get("checkpoint_stage", (None, None))
+    if stage == wanted and f"step_{step:08d}" in path.name:
+        pause()
+
+
+if "checkpoint_bytes" in plan:
+    step, size = plan["checkpoint_bytes"]
+    write = checkpoint._HashingWriter.write
+
+    def write_then_pause(self, data):
+        count = write(self, data)
+        if current["step"] == step and self.size >= size:
+            self.flush()
+            pause()
+        return count
+
+    checkpoint._HashingWriter.write = write_then_pause
+
+hooks = TrainHooks(step_start=step_start, step_end=step_end, checkpoint_stage=checkpoint_stage)
+train(load_config(None, sys.argv[2:]), resume=plan.get("resume", False), hooks=hooks)
+'''
+
+
+def run_and_kill_at(tmp_path: Path, args: list[str], timeout: float = 240.0, **plan) -> None:
+    """Run the pausing trainer with ``plan``; SIGKILL it once it pauses (fail if it ends or never gets there)."""
+    import json
+    import signal
+    import time
+
+    script = tmp_path / "pausing_trainer.py"
+    script.write_text(PAUSING_TRAINER)
+    ready = tmp_path / "paused"
+    ready.unlink(missing_ok=True)
+    command = [sys.executable, str(script), json.dumps({"ready": str(ready), **plan}), *[str(a) for a in args]]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready.exists():
+            if process.poll() is not None:
+                raise AssertionError(f"training ended (rc {process.returncode}) before the pause: "
+                                     f"{process.stderr.read()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pause point {plan} not reached in {timeout}s")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        if process.poll() is None and not ready.exists():
+            process.kill()
+        process.wait(timeout=60)
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mileloss.train.checkpoint import (
+    CheckpointChecksumError,
     CheckpointError,
     checkpoint_steps,
     latest_checkpoint,
@@ -22,7 +23,8 @@ def test_only_the_newest_checkpoints_are_kept_and_stale_temporaries_are_removed(
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, {"model": {"w": torch.full((2,), float(step))}}, keep=2)
     assert checkpoint_steps(tmp_path) == [2, 3]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002.pt", "step_00000003.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000002.json", "step_00000002.pt", "step_00000003.json", "step_00000003.pt"]
     assert load_checkpoint(latest_checkpoint(tmp_path))["model"]["w"].tolist() == [3.0, 3.0]
 
 
@@ -40,10 +42,19 @@ def test_truncated_or_foreign_files_raise_checkpoint_error(tmp_path):
     save_checkpoint(tmp_path, 5, {"model": {"w": torch.zeros(1000)}}, keep=1)
     path = latest_checkpoint(tmp_path)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match="step_00000005.pt"):
+    with pytest.raises(CheckpointChecksumError, match="step_00000005.pt has 200 bytes.*truncated"):
         load_checkpoint(path)
     foreign = tmp_path / "other.pt"
     torch.save({"weights": 1}, foreign)
+    with pytest.raises(CheckpointError, match="no checksum record other.json"):
+        load_checkpoint(foreign)
+    # a foreign file that comes with a matching record is still not a mileloss checkpoint
+    import hashlib
+    import json
+
+    (tmp_path / "other.json").write_text(json.dumps({
+        "format": "mileloss-checkpoint", "version": 2, "step": 1, "file": "other.pt",
+        "bytes": foreign.stat().st_size, "sha256": hashlib.sha256(foreign.read_bytes()).hexdigest()}))
     with pytest.raises(CheckpointError, match="not a mileloss-checkpoint"):
         load_checkpoint(foreign)
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mileloss.data import ShardChecksumError
 from mileloss.losses.reference import official_loss
 from mileloss.models import build_model
-from mileloss.train import NonFiniteLossError, PreflightError, VocabMismatchError, load_config, train
+from mileloss.train import NonFiniteLossError, PreflightError, TrainHooks, VocabMismatchError, load_config, train
 from mileloss.train.checkpoint import latest_checkpoint, load_checkpoint
 from mileloss.train.distributed import DistributedContext
 from mileloss.train.loop import LanguageModelLoss, train_step
@@ -105,11 +105,14 @@ def test_exported_model_loads_with_auto_classes_and_gives_the_trained_logits(fin
         torch.testing.assert_close(exported(input_ids).logits, trained(input_ids).logits, rtol=0, atol=0)
 
 
-def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MILELOSS_TEST_NAN_AT_STEP", "6")
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    def poison_step_6(step, model):  # the final norm's output (the hidden states) becomes NaN from step 6 on
+        if step == 6:
+            model.model.norm.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match="at step 6.*step_00000004.pt"):
-        train(load_config(None, tiny_overrides(data_dir, out)))
+        train(load_config(None, tiny_overrides(data_dir, out)), hooks=TrainHooks(step_start=poison_step_6))
     assert [line["step"] for line in read_metrics(out / "metrics.jsonl", "train")] == [1, 2, 3, 4, 5]
     state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
     assert state["step"] == 4

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,8 @@ import torch
 from mileloss.train import load_config, train
 from mileloss.train.checkpoint import checkpoint_steps, load_checkpoint
 from mileloss.train.metrics import read_metrics
-from tests.train._train_utils import run_training, subprocess_env, tiny_overrides, train_command
+from mileloss.train.rundir import LOCK_NAME
+from tests.train._train_utils import run_and_kill_at, run_training, tiny_overrides
 
 # One thread: CPU float reductions are then bitwise reproducible across processes.
 THREADS = {"run.num_threads": 1}
@@ -38,48 +36,36 @@ def _curve(run_dir: Path) -> list[tuple]:
              line.get("val_loss")) for line in lines]
 
 
-def _start_and_kill_when(args: list[str], ready, env: dict[str, str], timeout: float = 120.0) -> None:
-    """Start ``mileloss train``; SIGKILL it as soon as ``ready()`` is true."""
-    process = subprocess.Popen(train_command(args), env=subprocess_env(**env), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            if process.poll() is not None:
-                pytest.fail(f"training ended (rc {process.returncode}) before the kill point: {process.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("kill point not reached in time")
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-
-
 def test_resume_after_sigkill_matches_uninterrupted_curve(data_dir, tmp_path, uninterrupted):
-    """Killed twice: once after a checkpoint, once while writing one; each time resumed; same curve bitwise."""
+    """Killed four times: between steps, in the middle of a checkpoint's bytes, with the checkpoint written but
+    uncommitted, and with its record committed but not the checkpoint; each time the folder holds only complete,
+    verified checkpoints, the stale lock is taken over, and the resumed run gives the same curve bitwise."""
     out = tmp_path / "killed"
     args = tiny_overrides(data_dir, out, **THREADS)
 
-    def after_step_6() -> bool:  # checkpoint 4 is written; steps 5-6 are logged but not checkpointed
-        path = out / "metrics.jsonl"
-        try:
-            return path.exists() and any(line["step"] == 6 for line in read_metrics(path, "train"))
-        except ValueError:  # a line being written
-            return False
+    run_and_kill_at(tmp_path, args, after_step=6)  # checkpoint 4 is written; steps 5-6 logged, not checkpointed
+    assert checkpoint_steps(out / "checkpoints") == [4]
+    assert (out / LOCK_NAME).exists()  # left by the killed trainer
+    assert [line["step"] for line in read_metrics(out / "metrics.jsonl", "train")][-1] == 6
 
-    _start_and_kill_when(args, after_step_6, {"MILELOSS_TEST_SLEEP_AFTER_STEP": "6:60"})
+    run_and_kill_at(tmp_path, args, resume=True, checkpoint_bytes=[8, 1 << 19])
+    assert [p.name for p in (out / "checkpoints").glob(".step_00000008.pt.tmp-*")]  # half a file, not a checkpoint
     assert checkpoint_steps(out / "checkpoints") == [4]
 
-    def writing_checkpoint_8() -> bool:
-        return any((out / "checkpoints").glob(".step_00000008.pt.tmp-*"))
+    run_and_kill_at(tmp_path, args, resume=True, checkpoint_stage=[8, "payload_written"])
+    assert checkpoint_steps(out / "checkpoints") == [4]
 
-    _start_and_kill_when([*args, "--resume"], writing_checkpoint_8, {"MILELOSS_TEST_CHECKPOINT_SLEEP": "8:60"})
-    assert checkpoint_steps(out / "checkpoints") == [4]  # the half-written file is not a checkpoint
+    run_and_kill_at(tmp_path, args, resume=True, checkpoint_stage=[8, "record_written"])
+    assert (out / "checkpoints" / "step_00000008.json").exists()  # a record without its checkpoint
+    assert checkpoint_steps(out / "checkpoints") == [4]
     assert load_checkpoint(out / "checkpoints" / "step_00000004.pt")["step"] == 4
 
     run_training(args, resume=True)
     assert _curve(out) == _curve(uninterrupted)
     assert checkpoint_steps(out / "checkpoints") == [8, 12]
-    assert not list((out / "checkpoints").glob(".*tmp*"))  # the stale temporary file was cleaned up
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000008.json", "step_00000008.pt", "step_00000012.json", "step_00000012.pt"]  # leftovers removed
+    assert not (out / LOCK_NAME).exists()  # released at the end
+    final = load_checkpoint(out / "checkpoints" / "step_00000012.pt")["model"]
+    reference = load_checkpoint(uninterrupted / "checkpoints" / "step_00000012.pt")["model"]
+    assert all(torch.equal(final[name], value) for name, value in reference.items())

@@ -16,22 +16,32 @@ from mileloss.train.config import (
     TrainConfig,
     load_config,
 )
-from mileloss.train.loop import NonFiniteLossError, train
+from mileloss.train.checkpoint import CheckpointChecksumError, CheckpointError, UnsafeCheckpointError
+from mileloss.train.loop import NonFiniteLossError, TrainHooks, train
 from mileloss.train.preflight import PreflightError, ResumeMismatchError, VocabMismatchError
+from mileloss.train.rundir import NoCheckpointError, RunFolderBusyError, RunFolderError, RunFolderNotEmptyError
 
 __all__ = [
+    "CheckpointChecksumError",
+    "CheckpointError",
     "ConfigError",
     "ConfigKeyError",
     "ConfigValueError",
     "DataConfig",
     "LossConfig",
     "ModelConfig",
+    "NoCheckpointError",
     "NonFiniteLossError",
     "OptimConfig",
     "PreflightError",
     "ResumeMismatchError",
     "RunConfig",
+    "RunFolderBusyError",
+    "RunFolderError",
+    "RunFolderNotEmptyError",
     "TrainConfig",
+    "TrainHooks",
+    "UnsafeCheckpointError",
     "VocabMismatchError",
     "load_config",
     "train",

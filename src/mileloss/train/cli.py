@@ -2,6 +2,7 @@
 
     mileloss train configs/tiny.yaml loss.kind=mile run.out=runs/mile
     mileloss train --config configs/tiny.yaml --run.max_steps 200 --resume
+    mileloss train configs/tiny.yaml run.out=runs/mile --overwrite      # replace a previous run's files
     torchrun --nproc_per_node 2 -m mileloss train configs/tiny.yaml
 """
 
@@ -33,11 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a LLaMA-style model with CE, focal or MiLe loss.",
         epilog=_keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="mileloss train [CONFIG.yaml | --config CONFIG.yaml] [key.sub=value ...] [--resume]",
+        usage="mileloss train [CONFIG.yaml | --config CONFIG.yaml] [key.sub=value ...] [--resume | --overwrite]",
         allow_abbrev=False,
     )
     parser.add_argument("--config", help="YAML config file (may also be given as the first positional argument)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run.out that holds a previous run, removing that run's files "
+                             "(refused if run.out holds anything mileloss train did not write)")
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     return parser
 
@@ -45,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other: choose one")
     config_file = args.config
     if overrides and "=" not in overrides[0] and not overrides[0].startswith("-"):
         if config_file is not None:
@@ -61,9 +67,16 @@ def main(argv: list[str]) -> int:
     from mileloss.train.loop import train
 
     try:
-        run_dir = train(config, resume=args.resume)
+        run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
     except ValueError as error:  # every input problem is a ValueError subclass with a precise message
         logger.error("%s: %s", type(error).__name__, error)
         return 1
+    except OSError as error:  # the disk or the file system (full, read-only, gone): checkpoints written stay valid
+        logger.error("%s: %s (checkpoints written so far are complete; continue with --resume)",
+                     type(error).__name__, error)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted; checkpoints written so far are complete: continue with --resume")
+        return 130
     logger.info("run finished: %s", run_dir)
     return 0

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from mileloss.train.config import ConfigValueError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistributedContext", "init_distributed", "resolve_device"]
@@ -55,9 +57,15 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda":
         preference = f"cuda:{local_rank}"
-    device = torch.device(preference)
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise ConfigValueError(f"run.device: must be auto, cpu, cuda or cuda:N, got {preference!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={preference!r} but CUDA is not available")
+        raise ConfigValueError(f"run.device={preference!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigValueError(f"run.device={preference!r} but this machine has {torch.cuda.device_count()} CUDA "
+                               f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 

@@ -9,18 +9,20 @@ each micro-batch back-propagates its unnormalised sum ``sum_i w_i CE_i`` and the
 the global ``sum_i w_i`` after the last micro-batch (``WeightNormalizer``), so the step's gradient equals that
 of one process on the whole global batch, whatever the accumulation and world size.
 
-Test hooks (environment variables): ``MILELOSS_TEST_NAN_AT_STEP=<k>`` poisons the forward pass of optimizer
-step k (1-based) with NaN; ``MILELOSS_TEST_SLEEP_AFTER_STEP=<k>:<seconds>`` pauses after step k is logged and
-checkpointed (so a test can kill the process at a known point).
+The run folder is claimed first (``mileloss.train.rundir``): a lock, then a fresh run needs an empty folder (or
+``overwrite``), ``resume`` needs a complete checkpoint. Callers may pass :class:`TrainHooks`: callbacks at the
+start and end of each step and between writing and committing a checkpoint (progress reporting; tests that
+interrupt a run at a known point).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
-import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,17 +31,44 @@ from tqdm.auto import tqdm
 
 from mileloss.losses import WeightNormalizer, linear_token_weighted_loss
 from mileloss.models import build_model
-from mileloss.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from mileloss.train.checkpoint import (
+    CheckpointError,
+    StageCallback,
+    check_training_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from mileloss.train.config import TrainConfig, save_config
 from mileloss.train.distributed import DistributedContext, init_distributed
 from mileloss.train.export import export_final
 from mileloss.train.metrics import MetricsLogger
-from mileloss.train.preflight import PreparedRun, ResumeMismatchError, check_resume_compatible, prepare_run
+from mileloss.train.preflight import (
+    PreparedRun,
+    ResumeMismatchError,
+    check_resume_compatible,
+    data_fingerprint,
+    prepare_run,
+)
+from mileloss.train.rundir import NoCheckpointError, claim_run_folder
 from mileloss.train.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "LanguageModelLoss", "build_optimizer", "evaluate", "train"]
+__all__ = ["NonFiniteLossError", "LanguageModelLoss", "TrainHooks", "build_optimizer", "evaluate", "train"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainHooks:
+    """Optional callbacks into :func:`train`; each runs on every rank unless said otherwise."""
+
+    step_start: Callable[[int, torch.nn.Module], None] | None = None
+    """``(step, model)`` before optimizer step ``step`` (1-based); ``model`` is the ``LlamaForCausalLM``."""
+    step_end: Callable[[int], None] | None = None
+    """``(step)`` after the step is logged, evaluated and checkpointed."""
+    checkpoint_stage: StageCallback | None = None
+    """``(stage, path)`` inside each checkpoint write, on the main process (see ``checkpoint.StageCallback``)."""
 
 
 class NonFiniteLossError(ValueError):
@@ -56,15 +85,12 @@ class LanguageModelLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, loss: dict, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model, self.loss, self.autocast_dtype = model, loss, autocast_dtype
-        self.poison = False
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "sum", process_group=None):
         hidden = self.model.model(input_ids=input_ids).last_hidden_state  # (B, T, D)
         weight = self.model.lm_head.weight  # (V, D)
         if self.autocast_dtype is not None:  # low-precision GEMMs in the loss, fp32 softmax math inside it
             hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
-        if self.poison:
-            hidden = hidden * float("nan")
         with torch.autocast(hidden.device.type, enabled=False):
             return linear_token_weighted_loss(
                 hidden, weight, labels, reduction=reduction, return_stats=True, process_group=process_group, **self.loss
@@ -165,40 +191,70 @@ def train_step(wrapped: torch.nn.Module, loader, run: PreparedRun, context: Dist
 
 def _resume(run: PreparedRun, model, optimizer, scheduler, loader, context) -> tuple[int, int]:
     path = latest_checkpoint(run.checkpoint_dir)
-    if path is None:
-        logger.warning("--resume: no checkpoint in %s, starting from scratch", run.checkpoint_dir)
-        return 0, 0
+    if path is None:  # rank 0 found one when it claimed the folder: this rank does not see the same files
+        raise NoCheckpointError(f"--resume: rank {context.rank} finds no complete checkpoint in {run.checkpoint_dir}")
     state = load_checkpoint(path, map_location=run.device)
+    check_training_state(state, path)
     check_resume_compatible(state["config"], run.config, path)
     if state["world_size"] != context.world_size:
         raise ResumeMismatchError(f"cannot resume from {path}: written by {state['world_size']} processes, "
                                   f"now {context.world_size} (the global batch would change)")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    fingerprint = data_fingerprint(run.manifest)
+    if state.get("data") != fingerprint:
+        raise ResumeMismatchError(f"cannot resume from {path}: data.dir {run.config.data.dir} holds other data than "
+                                  f"the run was trained on (the shards' checksums differ)")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{path}: the saved model or optimizer state does not fit this run: {reason}") from None
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     logger.info("resumed from %s (step %d)", path, state["step"])
     return state["step"], state["tokens"]
 
 
-def train(config: TrainConfig, resume: bool = False) -> Path:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, hooks: TrainHooks | None = None) -> Path:
     """Train a model as ``config`` says and return the run directory (with ``final/`` exported).
 
-    All input problems (missing data, bad checksums, vocab mismatch...) raise before the first step.
+    All input problems (missing data, bad checksums, vocab mismatch, unusable run folder...) raise before the
+    first step.
+
+    Args:
+        config: the validated configuration.
+        resume: continue from the newest complete, verified checkpoint in ``run.out/checkpoints``.
+        overwrite: a fresh run into a ``run.out`` that holds a previous run: remove that run's files first (only
+            files mileloss train writes; refused if the folder holds anything else).
+        hooks: optional callbacks (see :class:`TrainHooks`).
 
     Raises:
+        RunFolderError: ``run.out`` is busy (another trainer), not empty without ``overwrite``, holds foreign files
+            with ``overwrite``, has no checkpoint with ``resume``, or cannot be written.
+        CheckpointError: the checkpoint to resume from is unreadable, corrupted or unsafe.
         NonFiniteLossError: the loss became NaN/inf (the newest checkpoint on disk stays valid).
     """
     context, device = init_distributed(config.run.device)
     try:
-        return _train(config, resume, context, device)
+        return _train(config, resume, overwrite, hooks or TrainHooks(), context, device)
     finally:
         context.destroy()
 
 
-def _train(config: TrainConfig, resume: bool, context: DistributedContext, device: torch.device) -> Path:
+def _train(config: TrainConfig, resume: bool, overwrite: bool, hooks: TrainHooks, context: DistributedContext,
+           device: torch.device) -> Path:
     run = prepare_run(config, context, device)
+    lock = claim_run_folder(run.run_dir, context, device, resume=resume, overwrite=overwrite)
+    try:
+        return _train_in(run, resume, hooks, context, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: DistributedContext,
+              device: torch.device) -> Path:
     config, cfg = run.config, run.config.run
     from mileloss.data import TokenBatchLoader
 
@@ -221,15 +277,15 @@ def _train(config: TrainConfig, resume: bool, context: DistributedContext, devic
     if context.is_main:
         save_config(config, run.run_dir / "config.yaml")
     metrics = MetricsLogger(run.run_dir, resume_step=step if resume else None) if context.is_main else None
-    poison_step = int(os.environ.get("MILELOSS_TEST_NAN_AT_STEP", "0") or 0)
-    sleep_step, sleep_seconds = map(float, (os.environ.get("MILELOSS_TEST_SLEEP_AFTER_STEP") or "0:0").split(":"))
+    fingerprint = data_fingerprint(run.manifest)
 
     progress = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (cfg.progress and context.is_main))
     interval_seconds, interval_tokens = 0.0, 0  # training time only: eval and checkpoints excluded
     model.train()
     while step < cfg.max_steps:
         step_start = time.perf_counter()
-        loss_wrapper.poison = step + 1 == poison_step
+        if hooks.step_start is not None:
+            hooks.step_start(step + 1, model)
         loss = train_step(wrapped, loader, run, context)
         if not math.isfinite(float(loss)):
             last = latest_checkpoint(run.checkpoint_dir)
@@ -263,12 +319,13 @@ def _train(config: TrainConfig, resume: bool, context: DistributedContext, devic
             if context.is_main:
                 state = {"tokens": tokens, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
-                         "config": config.to_dict(), "world_size": context.world_size}
-                save_checkpoint(run.checkpoint_dir, step, state, keep=cfg.keep_checkpoints)
+                         "config": config.to_dict(), "world_size": context.world_size, "data": fingerprint}
+                save_checkpoint(run.checkpoint_dir, step, state, keep=cfg.keep_checkpoints,
+                                on_stage=hooks.checkpoint_stage)
             context.barrier()
         progress.update(1)
-        if step == sleep_step:
-            time.sleep(sleep_seconds)
+        if hooks.step_end is not None:
+            hooks.step_end(step)
     progress.close()
     if context.is_main:
         metrics.close()

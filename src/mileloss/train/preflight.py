@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from mileloss.models import get_preset
 from mileloss.train.config import TrainConfig
 from mileloss.train.distributed import DistributedContext
+from mileloss.train.rundir import check_out_path
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,8 @@ def load_checked_manifest(data_dir: str | Path, verify: bool):
     from mileloss.data import load_manifest
 
     path = Path(data_dir)
+    if path.exists() and not path.is_dir():
+        raise PreflightError(f"data.dir {str(path)!r} is a file, not a data folder written by `mileloss data`")
     if not path.is_dir():
         raise PreflightError(f"data.dir {str(path)!r} does not exist; create it with `mileloss data --out {path} ...`")
     if not (path / "manifest.json").is_file():
@@ -140,7 +145,11 @@ def resolve_config(config: TrainConfig, manifest, world_size: int) -> TrainConfi
 
 
 def prepare_run(config: TrainConfig, context: DistributedContext, device: torch.device) -> PreparedRun:
-    """Validate data and config; create the run directory (rank 0). Raises before any training happens."""
+    """Validate ``run.out``, the data and the config. Raises before any training happens; writes nothing.
+
+    The run folder is created and locked afterwards by :func:`mileloss.train.rundir.claim_run_folder`.
+    """
+    run_dir = check_out_path(config.run.out)
     manifest = load_checked_manifest(config.data.dir, config.data.verify_checksums)
     check_tokenizer(manifest)
     config = resolve_config(config, manifest, context.world_size)
@@ -155,27 +164,51 @@ def prepare_run(config: TrainConfig, context: DistributedContext, device: torch.
     if config.run.num_threads:
         torch.set_num_threads(config.run.num_threads)
     use_bf16 = config.run.dtype == "bf16" or (config.run.dtype == "auto" and device.type == "cuda")
-    run_dir = Path(config.run.out)
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    context.barrier()
     return PreparedRun(config, manifest, run_dir, device, context.world_size, torch.bfloat16 if use_bf16 else None)
 
 
-# Differences in these keys are allowed when resuming: they do not change the steps already taken.
-_RESUMABLE_CHANGES = {"run.max_steps", "run.max_tokens", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
+# Differences in these keys are allowed when resuming: they do not change the steps already taken or to come.
+# run.max_tokens may differ as long as the resolved run.max_steps (compared) is the same; data.dir may move, the
+# data itself is compared by its fingerprint.
+_RESUMABLE_CHANGES = {"run.max_tokens", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
                       "run.keep_checkpoints", "run.log_every", "run.progress", "run.out", "run.compile",
                       "run.num_threads", "run.device", "data.dir", "data.verify_checksums"}
+# Keys that define the learning-rate schedule of the steps to come: the scheduler is rebuilt from the config, so
+# resuming with another value would silently bend the cosine curve mid-run.
+_SCHEDULE_KEYS = {"run.max_steps", "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio"}
+
+
+def data_fingerprint(manifest) -> str:
+    """sha256 over the vocabulary size and every shard's (file, tokens, sha256): the data a run trains on."""
+    shards = {name: [[s.file, s.num_tokens, s.sha256] for s in manifest.split(name).shards]
+              for name in sorted(manifest.splits)}
+    text = json.dumps({"vocab_size": manifest.vocab_size, "splits": shards}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_resume_compatible(saved: dict[str, dict], current: TrainConfig, path: Path) -> None:
-    """Raise :class:`ResumeMismatchError` if the checkpoint's config differs in a key that changes training."""
+    """Raise :class:`ResumeMismatchError` if the checkpoint's config differs in a key that changes training.
+
+    Schedule-defining keys (``run.max_steps``, ``optim.lr``, ``optim.warmup_steps``, ``optim.min_lr_ratio``) are
+    refused like every other training key: a run continues the schedule it started. To train longer, start a new
+    run (another ``run.out``) with the larger ``run.max_steps``.
+    """
     now = current.to_dict()
     differences = [
-        f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, now {value!r}"
+        (f"{section}.{key}", saved.get(section, {}).get(key) if isinstance(saved.get(section), dict) else None, value)
         for section, values in now.items()
         for key, value in values.items()
-        if f"{section}.{key}" not in _RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value
+        if f"{section}.{key}" not in _RESUMABLE_CHANGES and (
+            not isinstance(saved.get(section), dict) or saved[section].get(key) != value)
     ]
-    if differences:
-        raise ResumeMismatchError(f"cannot resume from {path}: the config differs in " + "; ".join(differences))
+    if not differences:
+        return
+    listed = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, old, new in differences)
+    schedule = sorted(key for key, _, _ in differences if key in _SCHEDULE_KEYS)
+    why = (f" ({', '.join(schedule)} define{'s' if len(schedule) == 1 else ''} the learning-rate schedule the run "
+           f"continues)") if schedule else ""
+    keep = " ".join(f"{key}={old!r}" for key, old, _ in differences)
+    raise ResumeMismatchError(
+        f"cannot resume from {path}: the config differs in {listed}{why}; resume with {keep}, or start a new run in "
+        f"another run.out"
+    )
