@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-import mileloss
 from mileloss.eval.buckets import frequency_buckets
 from mileloss.eval.perplexity import (
     evaluate_perplexity,
     expected_calibration_error,
+    head_token_statistics,
     iter_windows,
     summarize_token_statistics,
-    token_statistics,
 )
 
 
@@ -74,17 +73,36 @@ def test_ece_is_zero_when_confidence_matches_accuracy():
     assert expected_calibration_error(confidence, correct)[0] == pytest.approx(0.0)
 
 
-def test_token_statistics_match_the_mile_loss_engine():
-    logits = torch.randn(37, 53, dtype=torch.float64) * 3
+@pytest.mark.parametrize("weighting, gamma, sigma", [("mile", 0.5, 2.0), ("focal", 2.0, 1.0), ("ce", 1.0, 1.0)])
+def test_head_token_statistics_equal_naive_float64_logits(weighting, gamma, sigma):
+    hidden = torch.randn(37, 16, dtype=torch.float64)
+    weight = torch.randn(53, 16, dtype=torch.float64)
+    bias = torch.randn(53, dtype=torch.float64)
     targets = torch.randint(0, 53, (37,))
-    stats = token_statistics(logits, targets)
-    _, engine = mileloss.mile_loss(logits, targets, reduction="none", return_stats=True)
-    np.testing.assert_allclose(stats["ce"], engine.ce.double().numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(stats["entropy"], engine.entropy.double().numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(1 + stats["entropy"], engine.weight.double().numpy(), rtol=1e-5, atol=1e-5)
-    probs = logits.softmax(-1)
-    np.testing.assert_allclose(stats["confidence"], probs.max(-1).values.numpy())
-    assert (stats["correct"] == (probs.argmax(-1) == targets).numpy()).all()
+    stats = head_token_statistics(hidden, weight, targets, bias, weighting=weighting, gamma=gamma, sigma=sigma)
+    logits = hidden @ weight.T + bias  # the naive (N, V) path, float64
+    log_p = logits.log_softmax(-1)
+    ce = -log_p.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    expected_weight = {"mile": (sigma + entropy) ** gamma, "focal": (1 - (-ce).exp()) ** gamma,
+                       "ce": torch.ones_like(ce)}[weighting]
+    np.testing.assert_allclose(stats["ce"], ce.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats["entropy"], entropy.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats["weight"], expected_weight.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats["confidence"], log_p.exp().max(-1).values.numpy(), rtol=1e-10, atol=1e-12)
+    assert (stats["correct"] == (logits.argmax(-1) == targets).numpy()).all()
+
+
+def test_head_token_statistics_take_the_max_pass_in_row_chunks(monkeypatch):
+    import mileloss.eval.perplexity as perplexity
+
+    monkeypatch.setattr(perplexity, "MAX_LOGIT_CHUNK_ELEMENTS", 53 * 5)  # 5 rows per chunk: 8 chunks for 37 rows
+    hidden, weight = torch.randn(37, 16, dtype=torch.float64), torch.randn(53, 16, dtype=torch.float64)
+    targets = torch.randint(0, 53, (37,))
+    chunked = head_token_statistics(hidden, weight, targets)
+    logits = hidden @ weight.T
+    np.testing.assert_allclose(chunked["confidence"], logits.softmax(-1).max(-1).values.numpy(), rtol=1e-10)
+    assert (chunked["correct"] == (logits.argmax(-1) == targets).numpy()).all()
 
 
 def test_windows_predict_every_token_but_the_first_exactly_once():

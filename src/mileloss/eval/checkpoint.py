@@ -2,6 +2,10 @@
 
 A run folder (written by ``mileloss train``) holds the model in ``final/``; any folder with a ``config.json``,
 model weights and tokenizer files (``save_pretrained`` of a model and its tokenizer) is a checkpoint.
+
+Nothing read from the folder can run code: models and tokenizers load with ``trust_remote_code=False``, weights
+from safetensors where present, and pickled ``*.bin`` weights are first opened with ``torch.load(weights_only=True)``
+(which refuses anything but tensors and plain containers) before transformers sees them.
 """
 
 from __future__ import annotations
@@ -9,18 +13,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
-from mileloss.eval.errors import CheckpointError, EvalDataError, TokenizerMismatchError
+from mileloss.eval.errors import CheckpointError, EvalArgumentError, EvalDataError, TokenizerMismatchError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "check_tokenizer_matches", "load_model", "resolve_checkpoint"]
+__all__ = ["DTYPES", "Checkpoint", "LossSettings", "check_tokenizer_matches", "load_model", "resolve_checkpoint",
+           "run_loss_settings"]
 
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+"""Values of ``--dtype``."""
+LOSS_KINDS = ("ce", "focal", "mile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +80,103 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
         )
     run_info = {}
     if (path / "mileloss_run.json").is_file():
-        run_info = json.loads((path / "mileloss_run.json").read_text())
+        run_info = _read_json_object(path / "mileloss_run.json")
     return Checkpoint(path=path, run_dir=run_dir, run_info=run_info)
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The token weighting a run was trained with: ``kind`` in ce / focal / mile, ``gamma``, ``sigma``.
+
+    ``source`` says where they were read (``final/mileloss_run.json``, ``config.yaml``), or that a bare
+    checkpoint carries none and the paper's MiLe gamma = sigma = 1 is reported.
+    """
+
+    kind: str = "mile"
+    gamma: float = 1.0
+    sigma: float = 1.0
+    normalize: str = "weighted"
+    source: str = "default: the checkpoint records no training loss; MiLe with the paper's gamma = sigma = 1"
+
+    @property
+    def formula(self) -> str:
+        return {"ce": "1", "focal": "(1 - p_target) ** gamma", "mile": "(sigma + H) ** gamma"}[self.kind]
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "formula": self.formula}
+
+
+def _loss_section(section, where: str) -> dict:
+    """Validated ``{"kind", "gamma", "sigma", "normalize"}`` of one ``loss`` mapping (keys it lacks are left out)."""
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{where}: 'loss' must be a mapping, got {type(section).__name__}")
+    found = {}
+    if "kind" in section:
+        if section["kind"] not in LOSS_KINDS:
+            raise CheckpointError(f"{where}: loss.kind must be one of {LOSS_KINDS}, got {section['kind']!r}")
+        found["kind"] = section["kind"]
+    for name in ("gamma", "sigma"):
+        if name in section:
+            value = section[name]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise CheckpointError(f"{where}: loss.{name} must be a finite number >= 0, got {value!r}")
+            found[name] = float(value)
+    if "normalize" in section:
+        if not isinstance(section["normalize"], str):
+            raise CheckpointError(f"{where}: loss.normalize must be a string, got {section['normalize']!r}")
+        found["normalize"] = section["normalize"]
+    return found
+
+
+def run_loss_settings(checkpoint: Checkpoint) -> LossSettings:
+    """The loss kind, gamma and sigma the checkpoint was trained with.
+
+    Read from ``final/mileloss_run.json`` and, for a run folder, ``config.yaml`` (``yaml.safe_load``); where both
+    name a value they must agree. A checkpoint with neither gets :class:`LossSettings`' default (stated as such).
+
+    Raises:
+        CheckpointError: a malformed file, a value of the wrong type, or the two files disagreeing.
+    """
+    sources: list[tuple[str, dict]] = []
+    if "loss" in checkpoint.run_info:
+        where = str(checkpoint.path / "mileloss_run.json")
+        sources.append((where, _loss_section(checkpoint.run_info["loss"], where)))
+    config_path = checkpoint.run_dir / "config.yaml" if checkpoint.run_dir is not None else None
+    if config_path is not None and config_path.is_file():
+        import yaml
+
+        try:
+            config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise CheckpointError(f"{config_path}: not a readable YAML file ({error})".replace("\n", " ")) from error
+        if config is not None and not isinstance(config, dict):
+            raise CheckpointError(f"{config_path}: expected a mapping, got {type(config).__name__}")
+        if config and "loss" in config:
+            sources.append((str(config_path), _loss_section(config["loss"], str(config_path))))
+    if not sources:
+        return LossSettings()
+    merged: dict = {}
+    for where, found in sources:
+        for key, value in found.items():
+            if key in merged and merged[key][1] != value:
+                raise CheckpointError(f"{merged[key][0]} says loss.{key}={merged[key][1]!r} but {where} says "
+                                      f"{value!r}; which loss trained this model?")
+            merged.setdefault(key, (where, value))
+    if "kind" not in merged:
+        raise CheckpointError(f"{sources[0][0]}: the loss section names no kind (ce, focal or mile)")
+    values = {key: value for key, (_, value) in merged.items()}
+    return LossSettings(**{"gamma": 1.0, "sigma": 1.0, "normalize": "weighted", **values},
+                        source=" + ".join(where for where, _ in sources))
 
 
 def check_tokenizer_matches(checkpoint_dir: str | Path, data_tokenizer_dir: str | Path) -> None:
@@ -87,8 +191,8 @@ def check_tokenizer_matches(checkpoint_dir: str | Path, data_tokenizer_dir: str 
     checkpoint_dir, data_tokenizer_dir = Path(checkpoint_dir), Path(data_tokenizer_dir)
     if not data_tokenizer_dir.is_dir():
         raise EvalDataError(f"{data_tokenizer_dir}: the data directory has no tokenizer folder")
-    model_vocab = AutoTokenizer.from_pretrained(str(checkpoint_dir)).get_vocab()
-    data_vocab = AutoTokenizer.from_pretrained(str(data_tokenizer_dir)).get_vocab()
+    model_vocab = AutoTokenizer.from_pretrained(str(checkpoint_dir), trust_remote_code=False).get_vocab()
+    data_vocab = AutoTokenizer.from_pretrained(str(data_tokenizer_dir), trust_remote_code=False).get_vocab()
     if model_vocab == data_vocab:
         return
     differing = sorted(set(model_vocab.items()) ^ set(data_vocab.items()), key=lambda item: item[1])[:5]
@@ -99,14 +203,83 @@ def check_tokenizer_matches(checkpoint_dir: str | Path, data_tokenizer_dir: str 
     )
 
 
-def load_model(checkpoint: Checkpoint, *, device: str = "cpu", dtype: str = "float32"):
-    """Load the causal LM of ``checkpoint`` in eval mode on ``device``."""
+def torch_dtype(dtype: str):
+    """``"bfloat16"`` -> ``torch.bfloat16`` for the floating dtypes of :data:`DTYPES`.
+
+    Raises:
+        EvalArgumentError: for anything else (``int8``, ``no_such``).
+    """
     import torch
+
+    if dtype not in DTYPES:
+        raise EvalArgumentError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def has_safetensors(checkpoint: Checkpoint) -> bool:
+    return any((checkpoint.path / name).is_file() for name in WEIGHT_FILES[:2])
+
+
+def check_pickled_weights(checkpoint: Checkpoint) -> None:
+    """Unless the checkpoint has safetensors weights (which hold no code, and are what transformers then loads),
+    open every pickled weight file with ``torch.load(weights_only=True)``: it refuses anything but tensors.
+
+    transformers (>= 4.46, as pyproject admits) loads ``*.bin`` with ``weights_only=True`` too; checking here keeps
+    that true whatever loads the checkpoint next (lm-eval included).
+
+    Raises:
+        CheckpointError: naming the file that is not plain tensors.
+    """
+    import pickle
+
+    import torch
+
+    if has_safetensors(checkpoint):
+        return
+    files = [checkpoint.path / "pytorch_model.bin"] if (checkpoint.path / "pytorch_model.bin").is_file() else []
+    index_path = checkpoint.path / "pytorch_model.bin.index.json"
+    if index_path.is_file():
+        weight_map = _read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise CheckpointError(f"{index_path}: 'weight_map' must map parameter names to shard file names")
+        for name in sorted(set(weight_map.values())):
+            if Path(name).name != name or name in (".", ".."):
+                raise CheckpointError(f"{index_path}: shard {name!r} is not a file name inside {checkpoint.path}")
+            files.append(checkpoint.path / name)
+    for path in files:
+        try:
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:  # the legacy (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(error):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{path}: refused to load pickled weights that are not plain tensors (torch.load "
+                                  f"weights_only=True: {first_line}); use a safetensors checkpoint") from error
+
+
+def load_model(checkpoint: Checkpoint, *, device: str = "cpu", dtype: str = "float32"):
+    """Load the causal LM of ``checkpoint`` in eval mode on ``device``, in ``dtype``.
+
+    No dtype is passed to ``from_pretrained`` (its ``torch_dtype=`` of transformers 4.x became ``dtype=`` in 5.x):
+    the weights load in the library's default (float32 on 4.x, the saved dtype on 5.x) and are cast afterwards,
+    which behaves the same on both.
+
+    Raises:
+        EvalArgumentError: a ``dtype`` outside :data:`DTYPES`.
+        CheckpointError: pickled weights that are not plain tensors, or a model transformers cannot build
+            without running code from the folder.
+    """
     from transformers import AutoModelForCausalLM
 
+    target_dtype = torch_dtype(dtype)
+    check_pickled_weights(checkpoint)
     try:
-        torch_dtype = getattr(torch, dtype)
-    except AttributeError:
-        raise CheckpointError(f"--dtype {dtype!r} is not a torch dtype (use float32, bfloat16 or float16)") from None
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), dtype=torch_dtype)
-    return model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), trust_remote_code=False,
+                                                     use_safetensors=has_safetensors(checkpoint))
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{checkpoint.path}: cannot load the model ({first_line})") from error
+    return model.to(device=device, dtype=target_dtype).eval()

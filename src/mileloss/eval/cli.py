@@ -34,10 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "openbookqa, social_iqa, boolq, triviaqa), 'all' (default) or 'none'")
     parser.add_argument("--num-fewshot", type=int, default=0, help="in-context examples per benchmark prompt")
     parser.add_argument("--limit", type=int, default=None, help="documents per benchmark task (default: all)")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: RUN_DIR/eval); a new or empty folder, or one holding an "
+                             "earlier evaluation of the same checkpoint")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16, float16")
     parser.add_argument("--cache-dir", default=None, help="where benchmark exports are kept "
                                                           "(default $MILELOSS_CACHE or ~/.cache/mileloss)")
     return parser
@@ -57,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                           tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, out_dir=args.out,
                           seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                           cache_dir=args.cache_dir)
-    except (ValueError, ImportError) as error:
+    except (ValueError, ImportError, OSError) as error:
         print(f"mileloss eval: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mileloss eval: interrupted; files already written are complete, nothing is half-written",
+              file=sys.stderr)
+        return 130
     print(format_perplexity_table(result["perplexity"]))
     if result["lm_eval"] is not None:
         print()

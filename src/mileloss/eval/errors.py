@@ -6,7 +6,9 @@ __all__ = [
     "BenchmarkFileError",
     "BucketSpecError",
     "CheckpointError",
+    "EvalArgumentError",
     "EvalDataError",
+    "OutputFolderError",
     "TokenizerMismatchError",
     "UnknownTaskError",
 ]
@@ -34,3 +36,16 @@ class UnknownTaskError(ValueError):
 
 class BenchmarkFileError(ValueError):
     """A benchmark's validation files are not where the bridge expects them (names the task and path)."""
+
+
+class EvalArgumentError(ValueError):
+    """A numeric option out of range (``--seq-len 0``, ``--batch-size -1``), an unusable ``--dtype`` or
+    ``--device``."""
+
+
+class OutputFolderError(ValueError):
+    """An ``--out`` that cannot be used: a file, unwritable, or a folder holding files the command did not write.
+
+    Shared by ``mileloss eval``, ``report`` and ``reproduce``, none of which overwrites or deletes what it did not
+    write itself.
+    """

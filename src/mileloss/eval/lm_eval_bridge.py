@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mileloss.eval.checkpoint import check_pickled_weights, resolve_checkpoint
 from mileloss.eval.errors import BenchmarkFileError, UnknownTaskError
 
 logger = logging.getLogger(__name__)
@@ -352,6 +353,7 @@ def run_lm_eval(
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     checkpoint_dir = Path(checkpoint_dir).resolve()
+    check_pickled_weights(resolve_checkpoint(checkpoint_dir))  # lm-eval loads the folder again: no pickled code
     include_dir = export_tasks(task_names, cache_dir or default_cache_dir(), root=root)
     try:
         import lm_eval
@@ -361,7 +363,7 @@ def run_lm_eval(
 
     max_length = max_length or _max_length(checkpoint_dir)
     model_args = {"pretrained": str(checkpoint_dir), "tokenizer": str(checkpoint_dir), "dtype": dtype,
-                  "max_length": max_length}
+                  "max_length": max_length, "trust_remote_code": False}
     logger.info("lm-eval: %s, %d-shot, limit %s, tasks %s", checkpoint_dir, num_fewshot, limit, task_names)
     raw = lm_eval.simple_evaluate(
         model="hf",

@@ -1,13 +1,19 @@
 """Per-token statistics of a causal LM on held-out tokens, overall and per frequency bucket.
 
-For every predicted position i (target ``y_i``, logits ``z_i`` over V types, ``p_i = softmax(z_i)``):
+For every predicted position i (target ``y_i``, logits ``z_i = W h_i (+ b)`` over V types from the final hidden
+state ``h_i`` and the LM head ``W``, ``p_i = softmax(z_i)``):
 
     ce_i         = logsumexp(z_i) - z_i[y_i]                  (nats)
     H_i          = -sum_v p_iv log p_iv                       (entropy of the prediction, nats)
-    w_i          = (sigma + H_i) ** gamma                     (the MiLe weight; sigma = gamma = 1 by default)
-    confidence_i = max_v p_iv,   correct_i = [argmax_v z_iv == y_i]
+    w_i          = the weight of the run's own loss:  1 (ce),  (1 - p_i[y_i]) ** gamma (focal),
+                   (sigma + H_i) ** gamma (mile), with the run's gamma and sigma
+    confidence_i = max_v p_iv = exp(max_v z_iv - logsumexp(z_i)),   correct_i = [argmax_v z_iv == y_i]
 
-and for any set S of positions (all of them, or those whose *target* falls in one frequency bucket):
+``ce``, ``H``, ``w`` and ``logsumexp`` come from the loss engine (:func:`mileloss.linear_token_weighted_loss` with
+``return_stats=True``) on the hidden states, so the (B, T, V) logits are never built; the engine does not return the
+row maximum, so ``max z`` and ``argmax z`` take one more pass over row chunks of at most ~64 MiB of logits.
+
+For any set S of positions (all of them, or those whose *target* falls in one frequency bucket):
 ``loss_S = mean_{i in S} ce_i``, ``ppl_S = exp(loss_S)``, accuracy, the entropy/weight distribution and the
 expected calibration error ``ECE_S = sum_b |S_b|/|S| * |acc(S_b) - conf(S_b)|`` over 15 equal-width confidence
 bins ``(b/15, (b+1)/15]``. Sums are accumulated in float64.
@@ -29,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mileloss.eval.buckets import FrequencyBuckets
+from mileloss.eval.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +47,17 @@ __all__ = [
     "evaluate_perplexity",
     "expected_calibration_error",
     "iter_windows",
+    "head_token_statistics",
     "summarize_token_statistics",
-    "token_statistics",
+    "token_weight",
 ]
 
 ECE_NUM_BINS = 15
 HISTOGRAM_NUM_BINS = 60
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+WEIGHTINGS = ("ce", "focal", "mile")
+MAX_LOGIT_CHUNK_ELEMENTS = 1 << 24
+"""Rows x V logits per chunk of the max/argmax pass (64 MiB in float32), whatever the vocabulary."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,29 +65,49 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @torch.no_grad()
-def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
-    """Cross-entropy, entropy, top-1 confidence and correctness of each position.
+def head_token_statistics(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    head_bias: torch.Tensor | None = None,
+    *,
+    weighting: str = "mile",
+    gamma: float = 1.0,
+    sigma: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Cross-entropy, entropy, loss weight, top-1 confidence and correctness of each row, from hidden states.
 
     Args:
-        logits: (N, V) scores, any float dtype (math in float32, or float64 if given float64).
+        hidden: (N, D) final hidden states.   head_weight: (V, D) LM-head weight, same dtype.   head_bias: (V,) or None.
         targets: (N,) int64 token ids in [0, V).
+        weighting, gamma, sigma: the weight of the run's loss (``ce``, ``focal`` or ``mile``).
 
     Returns:
-        Dict of (N,) numpy arrays: ``ce`` and ``entropy`` (float64, nats), ``confidence`` (float64, in [0, 1]),
-        ``correct`` (bool).
+        Dict of (N,) numpy arrays: ``ce``, ``entropy``, ``weight`` and ``confidence`` (float64), ``correct`` (bool).
+        Math in float32 (float64 for float64 inputs), as in the loss engine.
     """
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    log_probs = torch.log_softmax(logits.to(compute_dtype), dim=-1)  # (N, V)
-    probs = log_probs.exp()
-    ce = -log_probs.gather(-1, targets[:, None]).squeeze(-1)
-    # p * log p is 0 where p underflows to 0 (log p = -inf there would give nan)
-    entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
-    confidence, prediction = probs.max(-1)
+    from mileloss import linear_token_weighted_loss
+
+    _, stats = linear_token_weighted_loss(hidden, head_weight, targets, head_bias, weighting=weighting,
+                                          gamma=gamma, sigma=sigma, reduction="sum", return_stats=True)
+    # the row maximum and argmax of the logits, a bounded chunk of rows at a time (never N x V)
+    compute = torch.promote_types(head_weight.dtype, torch.float32)
+    weight = head_weight.to(compute)
+    bias = head_bias.to(compute) if head_bias is not None else None
+    rows = max(1, MAX_LOGIT_CHUNK_ELEMENTS // weight.shape[0])
+    max_logit = torch.empty(len(targets), dtype=compute, device=hidden.device)
+    argmax = torch.empty(len(targets), dtype=torch.int64, device=hidden.device)
+    for begin in range(0, len(targets), rows):
+        logits = torch.nn.functional.linear(hidden[begin : begin + rows].to(compute), weight, bias)  # (rows, V)
+        max_logit[begin : begin + rows], argmax[begin : begin + rows] = logits.max(dim=-1)
+    # exp(max z - lse) <= 1 up to rounding between the two passes' GEMMs
+    confidence = torch.exp(max_logit.double() - stats.lse.double()).clamp(max=1.0)
     return {
-        "ce": ce.double().cpu().numpy(),
-        "entropy": entropy.clamp_min(0).double().cpu().numpy(),
-        "confidence": confidence.double().cpu().numpy(),
-        "correct": (prediction == targets).cpu().numpy(),
+        "ce": stats.ce.double().cpu().numpy(),
+        "entropy": stats.entropy.double().clamp_min(0).cpu().numpy(),
+        "weight": stats.weight.double().cpu().numpy(),
+        "confidence": confidence.cpu().numpy(),
+        "correct": (argmax == targets).cpu().numpy(),
     }
 
 
@@ -106,6 +137,35 @@ def iter_windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> Iterator[
         yield tail[:, :-1], tail[:, 1:]
 
 
+def _model_parts(model: torch.nn.Module):
+    """(body returning ``last_hidden_state``, LM-head weight, LM-head bias) of a Hugging Face causal LM."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise CheckpointError(f"{type(model).__name__}: not a causal LM with a base model and a linear LM head "
+                              f"(get_output_embeddings)")
+    return body, head.weight, getattr(head, "bias", None)
+
+
+def _check_logits_are_the_head_of_the_hidden_states(model, body, weight, bias, inputs: torch.Tensor) -> None:
+    """The engine sees ``hidden @ W.T + b``; refuse models whose logits are something else (soft-capping, scaling).
+
+    Compares both on at most 8 positions of one window: a (1, 8, V) tensor, never more.
+    """
+    probe = inputs[:1, :8]
+    logits = model(input_ids=probe).logits.float()
+    hidden = body(input_ids=probe).last_hidden_state
+    head = torch.nn.functional.linear(hidden, weight, bias).float()
+    scale = logits.abs().max().clamp_min(1.0)
+    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 5e-2
+    if not torch.allclose(logits, head, rtol=tolerance, atol=tolerance * float(scale)):
+        raise CheckpointError(
+            f"{type(model).__name__}: its logits are not lm_head(final hidden state) (largest difference "
+            f"{float((logits - head).abs().max()):.3g}; logit soft-capping or scaling?), so the loss engine's "
+            f"statistics would not be this model's"
+        )
+
+
 @torch.no_grad()
 def collect_token_statistics(
     model: torch.nn.Module,
@@ -114,27 +174,38 @@ def collect_token_statistics(
     seq_len: int,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    weighting: str = "mile",
+    gamma: float = 1.0,
+    sigma: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """Run ``model`` over ``tokens`` in windows and gather per-token statistics.
+    """Run ``model`` over ``tokens`` in windows and gather per-token statistics from its final hidden states.
+
+    Args:
+        model: a Hugging Face causal LM whose logits are ``lm_head(base_model(...).last_hidden_state)``.
+        weighting, gamma, sigma: the run's loss, for the ``weight`` column.
 
     Returns:
-        The arrays of :func:`token_statistics` for all ``len(tokens) - 1`` predicted positions plus ``targets``
-        (int64), in token order.
+        The arrays of :func:`head_token_statistics` for all ``len(tokens) - 1`` predicted positions plus
+        ``targets`` (int64), in token order.
+
+    Raises:
+        CheckpointError: if the model's logits are not its LM head applied to its final hidden states.
     """
     model.eval()
+    body, weight, bias = _model_parts(model)
     parts: list[dict[str, np.ndarray]] = []
     num_windows = math.ceil(max(len(tokens) - 1, 0) / seq_len)
     with tqdm(total=num_windows, desc="perplexity", unit="window", leave=False) as progress:
         for inputs, targets in iter_windows(tokens, seq_len, batch_size):
-            logits = model(torch.from_numpy(inputs).to(device)).logits  # (B, T, V')
-            flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V')
+            inputs_t = torch.from_numpy(inputs).to(device)
+            if not parts:
+                _check_logits_are_the_head_of_the_hidden_states(model, body, weight, bias, inputs_t)
+            hidden = body(input_ids=inputs_t).last_hidden_state  # (B, T, D)
             flat_targets = torch.from_numpy(targets).reshape(-1).to(device)
-            # a few (rows, V) float32 temporaries per chunk: keep each near 64 MiB whatever the vocabulary
-            rows = max(1, (1 << 24) // flat_logits.shape[-1])
-            for begin in range(0, len(flat_targets), rows):
-                stats = token_statistics(flat_logits[begin : begin + rows], flat_targets[begin : begin + rows])
-                stats["targets"] = flat_targets[begin : begin + rows].cpu().numpy()
-                parts.append(stats)
+            stats = head_token_statistics(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, bias,
+                                          weighting=weighting, gamma=gamma, sigma=sigma)
+            stats["targets"] = targets.reshape(-1)
+            parts.append(stats)
             progress.update(len(inputs))
     if not parts:
         raise ValueError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
@@ -211,10 +282,31 @@ def _group_summary(stats: dict[str, np.ndarray], mask: np.ndarray, weight: np.nd
     }
 
 
+WEIGHT_FORMULAS = {"ce": "1", "focal": "(1 - p_target) ** gamma", "mile": "(sigma + H) ** gamma"}
+
+
+def token_weight(stats: dict[str, np.ndarray], weighting: str, gamma: float, sigma: float) -> np.ndarray:
+    """The loss weight of every position from its ``entropy`` and ``ce`` (p_target = exp(-ce)), in float64."""
+    if weighting == "ce":
+        return np.ones_like(np.asarray(stats["ce"], dtype=np.float64))
+    if weighting == "focal":
+        return np.clip(1.0 - np.exp(-np.asarray(stats["ce"], dtype=np.float64)), 0.0, None) ** gamma
+    return (sigma + np.asarray(stats["entropy"], dtype=np.float64)) ** gamma
+
+
+def _weight_edges(weighting: str, gamma: float, sigma: float, max_entropy: float, bins: int) -> np.ndarray:
+    """Fixed histogram edges of the weight: its whole range for the vocabulary, so runs line up."""
+    low, high = (sigma**gamma, (sigma + max_entropy) ** gamma) if weighting == "mile" else (0.0, 1.0)
+    if high <= low:  # gamma = 0: a constant weight; one unit-wide range around it
+        low, high = low - 0.5, low + 0.5
+    return np.linspace(low, high, bins + 1)
+
+
 def summarize_token_statistics(
     stats: dict[str, np.ndarray],
     buckets: FrequencyBuckets,
     *,
+    weighting: str = "mile",
     sigma: float = 1.0,
     gamma: float = 1.0,
     histogram_bins: int = HISTOGRAM_NUM_BINS,
@@ -222,23 +314,29 @@ def summarize_token_statistics(
     """Overall and per-bucket summary of per-token statistics (the body of ``perplexity.json``).
 
     Args:
-        stats: (N,) arrays ``ce``, ``entropy``, ``confidence``, ``correct`` and ``targets`` (as from
-            :func:`collect_token_statistics`); positions are assigned to the bucket of their *target*.
+        stats: (N,) arrays ``ce``, ``entropy``, ``confidence``, ``correct``, ``targets`` and optionally ``weight``
+            (as from :func:`collect_token_statistics`; without it the weight is computed from ``weighting``);
+            positions are assigned to the bucket of their *target*.
         buckets: the frequency buckets over the vocabulary.
-        sigma, gamma: parameters of the MiLe weight ``(sigma + H) ** gamma`` whose distribution is reported.
+        weighting, sigma, gamma: the loss weight whose distribution is reported (see :data:`WEIGHT_FORMULAS`).
         histogram_bins: number of equal-width bins of the entropy and weight histograms. The edges are fixed by
             the vocabulary size (entropy in ``[0, ln V]``), so histograms of different runs line up.
 
     Returns:
         ``{"overall": {...}, "buckets": [{...}, ...], "histograms": {...}, "calibration": {...},
-        "mile_weight": {"sigma", "gamma"}}``.
+        "loss_weight": {"kind", "gamma", "sigma", "formula"}}``.
     """
+    if weighting not in WEIGHT_FORMULAS:
+        raise ValueError(f"weighting must be one of {sorted(WEIGHT_FORMULAS)}, got {weighting!r}")
+    if not (math.isfinite(gamma) and math.isfinite(sigma) and gamma >= 0 and sigma >= 0):
+        raise ValueError(f"gamma and sigma must be finite and >= 0, got {gamma} and {sigma}")
     vocab_size = len(buckets.bucket_of_token)
     targets = np.asarray(stats["targets"], dtype=np.int64)
     if targets.size and (targets.min() < 0 or targets.max() >= vocab_size):
         raise ValueError(f"target ids must lie in [0, {vocab_size}), got range [{targets.min()}, {targets.max()}]")
     target_bucket = buckets.bucket_of_token[targets]
-    weight = (sigma + stats["entropy"]) ** gamma
+    weight = np.asarray(stats["weight"], dtype=np.float64) if "weight" in stats else token_weight(
+        stats, weighting, gamma, sigma)
 
     everything = np.ones(len(targets), dtype=bool)
     overall = _group_summary(stats, everything, weight)
@@ -250,9 +348,7 @@ def summarize_token_statistics(
 
     max_entropy = math.log(vocab_size)
     entropy_edges = np.linspace(0.0, max_entropy, histogram_bins + 1)
-    weight_edges = np.linspace(sigma**gamma, (sigma + max_entropy) ** gamma, histogram_bins + 1)
-    if gamma < 0:  # a decreasing weight: keep the edges increasing
-        weight_edges = weight_edges[::-1]
+    weight_edges = _weight_edges(weighting, gamma, sigma, max_entropy, histogram_bins)
     histograms = {
         "entropy": {"edges": entropy_edges.tolist(), "overall": _histogram(stats["entropy"], entropy_edges),
                     "buckets": [_histogram(stats["entropy"][target_bucket == d.index], entropy_edges)
@@ -266,7 +362,7 @@ def summarize_token_statistics(
         "overall": overall,
         "buckets": per_bucket,
         "bucket_cut_points": list(buckets.cut_points),
-        "mile_weight": {"sigma": sigma, "gamma": gamma, "formula": "(sigma + H) ** gamma"},
+        "loss_weight": {"kind": weighting, "gamma": gamma, "sigma": sigma, "formula": WEIGHT_FORMULAS[weighting]},
         "histograms": histograms,
         "calibration": calibration,
     }
@@ -287,17 +383,19 @@ def evaluate_perplexity(
     batch_size: int = 8,
     max_tokens: int | None = None,
     device: str | torch.device = "cpu",
+    weighting: str = "mile",
     sigma: float = 1.0,
     gamma: float = 1.0,
 ) -> dict:
     """Perplexity, per-bucket perplexity, entropy/weight statistics and calibration of ``model`` on ``tokens``.
 
     Args:
-        model: a causal LM returning ``.logits`` (B, T, V) (e.g. ``LlamaForCausalLM``), already on ``device``.
+        model: a Hugging Face causal LM (e.g. ``LlamaForCausalLM``), already on ``device``.
         tokens: (L,) held-out token ids (e.g. the ``val`` split).
         buckets: frequency buckets from the training counts (V entries, V = the data's vocabulary size).
         seq_len: window length T, at most the model's context.
         max_tokens: evaluate only the first ``max_tokens`` predicted positions (None = all).
+        weighting, sigma, gamma: the loss the model was trained with (for the weight statistics).
 
     Returns:
         The dict of :func:`summarize_token_statistics` plus ``"windows"`` (seq_len, number of tokens).
@@ -306,8 +404,9 @@ def evaluate_perplexity(
         if max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
         tokens = tokens[: max_tokens + 1]
-    stats = collect_token_statistics(model, tokens, seq_len=seq_len, batch_size=batch_size, device=device)
-    result = summarize_token_statistics(stats, buckets, sigma=sigma, gamma=gamma)
+    stats = collect_token_statistics(model, tokens, seq_len=seq_len, batch_size=batch_size, device=device,
+                                     weighting=weighting, gamma=gamma, sigma=sigma)
+    result = summarize_token_statistics(stats, buckets, weighting=weighting, sigma=sigma, gamma=gamma)
     result["windows"] = {"seq_len": seq_len, "num_predicted_tokens": int(len(stats["ce"])),
                          "num_windows": math.ceil(len(stats["ce"]) / seq_len)}
     return result

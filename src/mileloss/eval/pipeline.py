@@ -16,26 +16,80 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mileloss.eval.buckets import DEFAULT_CUT_POINTS, frequency_buckets, parse_cut_points
-from mileloss.eval.checkpoint import check_tokenizer_matches, load_model, resolve_checkpoint
-from mileloss.eval.errors import EvalDataError
+from mileloss.eval.checkpoint import (
+    Checkpoint,
+    check_tokenizer_matches,
+    load_model,
+    resolve_checkpoint,
+    run_loss_settings,
+    torch_dtype,
+)
+from mileloss.eval.data_identity import data_identity
+from mileloss.eval.errors import CheckpointError, EvalArgumentError, EvalDataError, OutputFolderError
 from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, parse_task_list, run_lm_eval
+from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
 from mileloss.eval.perplexity import evaluate_perplexity
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "format_lm_eval_table", "format_perplexity_table"]
 
+COMMAND = "mileloss eval"
+OUTPUT_FILES = {"perplexity.json": ("bucket_definition", "overall"), "lm_eval.json": ("tasks", "checkpoint")}
+"""The files ``mileloss eval`` writes, and the keys that recognise one written before ``written_by`` existed."""
 
-def _default_device() -> str:
+
+def _count(value, flag: str, minimum: int, *, optional: bool = True) -> int | None:
+    """``value`` as an int >= ``minimum`` (None allowed if ``optional``), or an :class:`EvalArgumentError`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EvalArgumentError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _resolve_device(device: str | None) -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvalArgumentError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise EvalArgumentError(f"--device {device!r}: mileloss eval runs on cpu or cuda")
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise EvalArgumentError(f"--device {device!r}: no such CUDA device on this machine "
+                                f"({torch.cuda.device_count()} available)")
+    return str(parsed)
+
+
+def _owns(entry: Path) -> bool:
+    """True for a file ``mileloss eval`` wrote: one of :data:`OUTPUT_FILES` (recognised by content) or its temp."""
+    if is_temp_of(entry, set(OUTPUT_FILES)):
+        return True
+    keys = OUTPUT_FILES.get(entry.name)
+    if keys is None or not entry.is_file():
+        return False
+    content = read_json_object(entry)
+    return content is not None and (content.get("written_by") == COMMAND or all(key in content for key in keys))
+
+
+def _check_out(out: Path, flag: str, checkpoint: Checkpoint) -> None:
+    """The output folder must be new, empty or hold only an earlier evaluation of this same checkpoint."""
+    check_output_folder(out, COMMAND, _owns, flag=flag)
+    mine = str(checkpoint.path.resolve())
+    for name in OUTPUT_FILES:
+        content = read_json_object(out / name) or {}
+        other = content.get("checkpoint_path")
+        if isinstance(other, str) and other != mine:
+            raise OutputFolderError(f"{COMMAND}: {flag} {out} holds the evaluation of {other}, not of {mine}; "
+                                    f"give another folder, nothing there is overwritten")
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps({"written_by": COMMAND, **payload}, indent=2) + "\n")
 
 
 def evaluate(
@@ -66,28 +120,46 @@ def evaluate(
         tasks: benchmark names (see :data:`~mileloss.eval.lm_eval_bridge.TASKS`); ``"none"`` / ``[]`` skips them.
         num_fewshot: in-context examples for the benchmarks.
         limit: documents per benchmark task (None = all).
-        out_dir: where to write the JSON files (default ``RUN_DIR/eval``).
+        out_dir: where to write the JSON files (default ``RUN_DIR/eval``): a new or empty folder, or one holding
+            an earlier evaluation of the same checkpoint (anything else is refused, never overwritten).
         seq_len: perplexity window (default: the run's training ``seq_len``, else the model context).
         batch_size: windows per forward pass (perplexity) and lm-eval batch size.
         device: ``cuda`` if available, else ``cpu``.
         dtype: model weights dtype (``float32``; ``bfloat16`` on GPU).
         cache_dir, benchmark_root: see :func:`~mileloss.eval.lm_eval_bridge.run_lm_eval`.
 
+    The entropy, weight and calibration statistics use the loss the run was trained with (kind, gamma, sigma
+    from ``final/mileloss_run.json`` and ``config.yaml``); ``perplexity.json`` records them under
+    ``loss_weight`` and the identity of the evaluation data under ``data``.
+
     Returns:
         ``{"perplexity": dict, "lm_eval": dict | None, "out_dir": Path}``.
 
     Raises:
-        CheckpointError, TokenizerMismatchError, EvalDataError, BucketSpecError, BenchmarkFileError,
-        UnknownTaskError: with the folder, file or flag at fault in the message.
+        EvalArgumentError, CheckpointError, TokenizerMismatchError, EvalDataError, BucketSpecError,
+        BenchmarkFileError, UnknownTaskError, OutputFolderError: with the folder, file or flag at fault in the
+        message. Every argument and the output folder are checked before the model is loaded.
     """
     from mileloss.data import load_manifest, read_split
 
     cut_points = parse_cut_points(buckets)
     task_names = parse_task_list(tasks)
+    max_tokens = _count(max_tokens, "--max-tokens", 1)
+    seq_len = _count(seq_len, "--seq-len", 1)
+    batch_size = _count(batch_size, "--batch-size", 1, optional=False)
+    num_fewshot = _count(num_fewshot, "--num-fewshot", 0, optional=False)
+    limit = _count(limit, "--limit", 1)
+    torch_dtype(dtype)
+    device = _resolve_device(device)
+
     checkpoint = resolve_checkpoint(path)
+    loss = run_loss_settings(checkpoint)
+    out = Path(out_dir) if out_dir is not None else checkpoint.default_out_dir
+    flag = "--out" if out_dir is not None else "output folder"
+    _check_out(out, flag, checkpoint)
     if data_dir is None:
         data_dir = checkpoint.run_info.get("data_dir")
-        if data_dir is None:
+        if not isinstance(data_dir, str) or not data_dir:
             raise EvalDataError(f"{checkpoint.path}: no mileloss_run.json with a data_dir; pass --data DATA_DIR")
     data_dir = Path(data_dir)
     if not (data_dir / "manifest.json").is_file():
@@ -96,31 +168,41 @@ def evaluate(
     check_tokenizer_matches(checkpoint.path, manifest.tokenizer_dir)
     frequency = frequency_buckets(manifest.token_counts(), cut_points)
 
-    device = device or _default_device()
     model = load_model(checkpoint, device=device, dtype=dtype)
     if model.config.vocab_size < manifest.vocab_size:
         raise EvalDataError(f"{checkpoint.path}: model vocab_size {model.config.vocab_size} is smaller than the "
                             f"data's {manifest.vocab_size} ({data_dir / 'manifest.json'})")
-    seq_len = (seq_len or checkpoint.run_info.get("model", {}).get("seq_len")
-               or model.config.max_position_embeddings)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if seq_len is None:
+        run_model = checkpoint.run_info.get("model")
+        seq_len = (run_model.get("seq_len") if isinstance(run_model, dict) else None) or context
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise CheckpointError(f"{checkpoint.path}: no usable window length (model.seq_len in "
+                                  f"mileloss_run.json or max_position_embeddings: {seq_len!r}); pass --seq-len")
+    if context is not None and seq_len > context:
+        raise EvalArgumentError(f"--seq-len {seq_len} exceeds the model's context of {context} positions")
     tokens = read_split(manifest, "val")
     started = time.perf_counter()
-    logger.info("perplexity of %s on %s (%d val tokens, window %d)", checkpoint.path, data_dir, len(tokens), seq_len)
+    logger.info("perplexity of %s on %s (%d val tokens, window %d; %s weight %s, gamma %g, sigma %g)",
+                checkpoint.path, data_dir, len(tokens), seq_len, loss.kind, loss.formula, loss.gamma, loss.sigma)
     result = evaluate_perplexity(model, tokens, frequency, seq_len=int(seq_len), batch_size=batch_size,
-                                 max_tokens=max_tokens, device=device)
+                                 max_tokens=max_tokens, device=device, weighting=loss.kind, gamma=loss.gamma,
+                                 sigma=loss.sigma)
     del model
     result = {
         "checkpoint": str(checkpoint.path),
+        "checkpoint_path": str(checkpoint.path.resolve()),
         "run_dir": str(checkpoint.run_dir) if checkpoint.run_dir else None,
         "data_dir": str(data_dir),
+        "data": data_identity(data_dir),
         "run": checkpoint.run_info,
         "max_tokens": max_tokens,
         "bucket_definition": frequency.to_dict(),
         **result,
+        "loss_weight": loss.to_dict(),
         "elapsed_seconds": round(time.perf_counter() - started, 2),
     }
-    out = Path(out_dir) if out_dir is not None else checkpoint.default_out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    create_output_folder(out, COMMAND, flag=flag)
     _write_json(out / "perplexity.json", result)
     logger.info("wrote %s", out / "perplexity.json")
 
@@ -130,8 +212,8 @@ def evaluate(
         lm_eval_result = run_lm_eval(checkpoint.path, task_names, num_fewshot=num_fewshot, limit=limit,
                                      batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
                                      root=benchmark_root)
-        lm_eval_result = {"checkpoint": str(checkpoint.path), **lm_eval_result,
-                          "elapsed_seconds": round(time.perf_counter() - started, 2)}
+        lm_eval_result = {"checkpoint": str(checkpoint.path), "checkpoint_path": str(checkpoint.path.resolve()),
+                          **lm_eval_result, "elapsed_seconds": round(time.perf_counter() - started, 2)}
         _write_json(out / "lm_eval.json", lm_eval_result)
         logger.info("wrote %s", out / "lm_eval.json")
     return {"perplexity": result, "lm_eval": lm_eval_result, "out_dir": out}

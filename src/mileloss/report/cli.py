@@ -19,7 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "and write report.md, a self-contained report.html and PNG figures.",
     )
     parser.add_argument("runs", nargs="+", help="run folders written by `mileloss train` (and `mileloss eval`)")
-    parser.add_argument("--out", required=True, help="output folder for report.md, report.html and *.png")
+    parser.add_argument("--out", required=True,
+                        help="output folder for report.md, report.html and *.png: a new or empty folder, or an "
+                             "earlier report's (replaced); a folder of other files is refused")
+    parser.add_argument("--allow-mixed-data", action="store_true",
+                        help="report runs trained or evaluated on different data (corpus, tokenizer, vocabulary, "
+                             "token shards) anyway, under a warning at the top; by default that is an error")
     return parser
 
 
@@ -29,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     from mileloss.report.render import write_report
 
     try:
-        report = write_report(args.runs, args.out)
-    except ValueError as error:
+        report = write_report(args.runs, args.out, allow_mixed_data=args.allow_mixed_data)
+    except (ValueError, OSError) as error:
         print(f"mileloss report: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mileloss report: interrupted; run it again to write the whole report", file=sys.stderr)
+        return 130
     markdown = report.parent.joinpath("report.md").read_text().splitlines()
     print(next(line for line in markdown if line.startswith("**Verdict:**")))
     print(f"wrote {report} and {report.parent / 'report.md'}")

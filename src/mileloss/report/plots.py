@@ -2,7 +2,7 @@
 
 - ``curves.png``: training loss and validation loss against training tokens.
 - ``bucket_ppl.png``: perplexity per frequency bucket (grouped bars, log scale) and its change vs CE in %.
-- ``histograms.png``: distribution of the prediction entropy H and of the MiLe weight (sigma + H)^gamma.
+- ``histograms.png``: distribution of the prediction entropy H and of the weight of each run's own loss.
 - ``benchmarks.png``: accuracy (TriviaQA: exact match) per task.
 
 Each function returns the written path, or None when no run has the data the figure needs.
@@ -10,6 +10,7 @@ Each function returns the written path, or None when no run has the data the fig
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from mileloss.eval.outputs import write_atomic  # noqa: E402
 from mileloss.report.runs import RunGroup  # noqa: E402
 from mileloss.report.tables import Stat, bucket_names, reference_group, task_names  # noqa: E402
 
@@ -48,8 +50,10 @@ def group_colors(groups: list[RunGroup]) -> dict[str, str]:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=DPI)
     plt.close(fig)
+    write_atomic(path, image.getvalue())
     logger.info("wrote %s", path)
     return path
 
@@ -149,20 +153,35 @@ def plot_bucket_perplexity(groups: list[RunGroup], metrics: dict[str, dict[str, 
     return _save(fig, out / "bucket_ppl.png")
 
 
+def _weight_kind(run) -> str:
+    """The loss whose weight a run's weight histogram holds (files from before ``loss_weight``: MiLe's)."""
+    return str((run.perplexity.get("loss_weight") or {}).get("kind", "mile"))
+
+
+def _usable(histogram: dict | None) -> bool:
+    """Finite increasing edges and one finite, non-negative count per bin."""
+    if not histogram:
+        return False
+    edges, counts = np.asarray(histogram["edges"], float), np.asarray(histogram["overall"], float)
+    return (len(edges) >= 2 and len(counts) == len(edges) - 1 and bool(np.isfinite(edges).all())
+            and bool((np.diff(edges) > 0).all()) and bool(np.isfinite(counts).all()) and bool((counts >= 0).all()))
+
+
 def plot_histograms(groups: list[RunGroup], out: Path) -> Path | None:
-    """Share of held-out tokens per entropy bin and per MiLe-weight bin (summed over each group's seeds)."""
+    """Share of held-out tokens per entropy bin and per bin of the weight each run's own loss gives a token
+    (summed over each group's seeds; cross-entropy runs, whose weight is always 1, are left out of the latter)."""
     colors = group_colors(groups)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
     for axis, key, xlabel in ((axes[0], "entropy", "prediction entropy H (nats)"),
-                              (axes[1], "weight", "MiLe weight (σ + H)^γ")):
+                              (axes[1], "weight", "weight of the run's own loss: (σ + H)^γ, (1 − p)^γ")):
         occupied: list[float] = []  # edges of non-empty bins: zoom there, the bins stay the fixed ones
         for group in groups:
-            histograms = [run.perplexity["histograms"][key] for run in group.runs
-                          if run.perplexity and "histograms" in run.perplexity]
+            runs = [run for run in group.runs if run.perplexity and (key == "entropy" or _weight_kind(run) != "ce")]
+            histograms = [h for h in ((run.perplexity.get("histograms") or {}).get(key) for run in runs) if _usable(h)]
             if not histograms:
                 continue
-            edges = np.asarray(histograms[0]["edges"])
+            edges = np.asarray(histograms[0]["edges"], float)
             counts = np.sum([h["overall"] for h in histograms if len(h["overall"]) == len(edges) - 1], axis=0)
             if counts.sum() == 0:
                 continue
@@ -172,16 +191,13 @@ def plot_histograms(groups: list[RunGroup], out: Path) -> Path | None:
             drawn = True
         if occupied:
             axis.set_xlim(min(occupied), max(occupied))
-        weight_info = next((run.perplexity.get("mile_weight") for g in groups for run in g.runs if run.perplexity),
-                           None)
-        suffix = f" (σ={weight_info['sigma']:g}, γ={weight_info['gamma']:g})" if key == "weight" and weight_info else ""
-        axis.set_xlabel(xlabel + suffix)
+        axis.set_xlabel(xlabel)
         axis.set_ylabel("share of held-out tokens")
         axis.grid(alpha=0.3)
         if axis.has_data():
             axis.legend(fontsize=8)
     axes[0].set_title("entropy of the predicted distribution")
-    axes[1].set_title("weight MiLe would give each token")
+    axes[1].set_title("weight each run's loss gives a token (CE: always 1)")
     if not drawn:
         plt.close(fig)
         return None
@@ -206,9 +222,12 @@ def plot_benchmarks(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]],
     return _save(fig, out / "benchmarks.png")
 
 
+FIGURES = ("curves", "bucket_ppl", "histograms", "benchmarks")
+"""Every figure's name; ``<name>.png`` in the output folder."""
+
+
 def write_plots(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]], out: Path) -> dict[str, Path]:
-    """Write every figure that has data; returns ``{name: path}`` in display order."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write every figure that has data into the existing folder ``out``; returns ``{name: path}`` in display order."""
     figures = {
         "curves": plot_curves(groups, out),
         "bucket_ppl": plot_bucket_perplexity(groups, metrics, out),

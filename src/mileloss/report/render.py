@@ -1,15 +1,29 @@
-"""``report.md`` (images beside it) and a self-contained ``report.html`` (images as base64 data URIs)."""
+"""``report.md`` (images beside it) and a self-contained ``report.html`` (images as base64 data URIs).
+
+The output folder must be new, empty or an earlier report (``report.json`` lists what ``mileloss report`` wrote
+there); a folder of anyone else's files is refused, nothing in it overwritten. Files are written atomically under
+an exclusive lock (``.report.lock``), so two reports into one folder never interleave: a report started while
+another writes there stops with a one-line error, and a later report replaces an earlier one, stale figures
+included.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
+import fcntl
 import html
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mileloss.report.plots import write_plots
+from mileloss.eval.errors import OutputFolderError
+from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
+from mileloss.report.data_check import DataCheck, check_same_data
+from mileloss.report.plots import FIGURES, write_plots
 from mileloss.report.runs import RunGroup, group_runs, load_run
 from mileloss.report.tables import MISSING, Table, comparison_table, verdict
 
@@ -17,11 +31,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["write_report"]
 
+COMMAND = "mileloss report"
+MARKER = "report.json"
+LOCK = ".report.lock"
+WRITTEN = frozenset({"report.md", "report.html", *(f"{name}.png" for name in FIGURES)})
+"""Every file a report may write besides :data:`MARKER` and :data:`LOCK`."""
+
 CAPTIONS = {
     "curves": "Training and validation loss against training tokens (one colour per loss; seeds share it).",
     "bucket_ppl": "Held-out perplexity per training-frequency bucket of the target token, and its change "
                   "relative to cross-entropy (below 0 = better than CE).",
-    "histograms": "Distribution of the prediction entropy H and of the MiLe weight (σ + H)^γ over held-out tokens.",
+    "histograms": "Distribution over held-out tokens of the prediction entropy H and of the weight each run's own "
+                  "loss gives a token (MiLe (σ + H)^γ, focal (1 − p)^γ; CE runs, always 1, are not drawn).",
     "benchmarks": "Downstream benchmark scores (accuracy; TriviaQA: exact match).",
 }
 NOTES = [
@@ -87,50 +108,129 @@ thead th { background: #eee; } tbody th { text-align: left; font-weight: normal;
 tr.section td { background: #f7f7f7; font-weight: bold; text-align: left; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption, .small { color: #555; font-size: .9em; }
+.warning { background: #fdecea; border-left: 6px solid #d62728; padding: .8em 1em; color: #611a15; }
 """
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Compare training runs: write ``report.md``, ``report.html`` and PNG figures into ``out_dir``.
+def _owned(out: Path) -> set[str]:
+    """Names in ``out`` that an earlier ``mileloss report`` wrote (from its ``report.json``)."""
+    marker = read_json_object(out / MARKER)
+    if marker is not None and marker.get("written_by") == COMMAND and isinstance(marker.get("files"), list):
+        return {name for name in marker["files"] if name in WRITTEN} | {MARKER, LOCK}
+    markdown = out / "report.md"  # a report from before report.json: recognised by its title
+    if markdown.is_file() and markdown.read_bytes()[:18] == b"# mileloss report:":
+        return set(WRITTEN) | {LOCK}
+    return set()
+
+
+def _check_out(out: Path) -> set[str]:
+    owned = _owned(out) if out.is_dir() else set()
+    # the lock file holds nothing and is never removed: taking it is safe whoever made it
+    check_output_folder(out, COMMAND, lambda entry: (entry.name in owned | {LOCK} and not entry.is_symlink())
+                        or (is_temp_of(entry, WRITTEN | {MARKER}) and entry.is_file()))
+    return owned
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (released when the process ends, even if killed)."""
+    handle = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputFolderError(f"{COMMAND}: another mileloss report is writing into {out}; wait for it or "
+                                    f"choose another --out") from None
+        yield
+    finally:
+        os.close(handle)
+
+
+def _warning_lines(check: DataCheck) -> list[str]:
+    if not check.mixed:
+        return []
+    return ["WARNING: these runs were not trained and evaluated on the same data, so their numbers do not compare "
+            "(reported anyway: --allow-mixed-data).", *check.mixed]
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_mixed_data: bool = False) -> Path:
+    """Compare training runs: write ``report.md``, ``report.html``, PNG figures and ``report.json`` into ``out_dir``.
 
     Args:
         run_dirs: run folders written by ``mileloss train`` (evaluated ones also show perplexity and
             benchmark results; the others show "—" there).
-        out_dir: created if needed.
+        out_dir: a new or empty folder, or one holding an earlier report (which this one replaces).
+        allow_mixed_data: report runs trained or evaluated on different data (corpus, tokenizer, vocabulary size,
+            token shards) anyway, under a warning at the top, instead of refusing.
 
     Returns:
         The path of the self-contained ``report.html``.
 
     Raises:
         EmptyRunError: if a folder has neither ``metrics.jsonl`` nor ``config.yaml`` (the message names it).
+        ReportError: a run file that is malformed (file and field named); MixedDataError: runs on different data.
+        OutputFolderError: ``out_dir`` is a file, not writable, holds files this command did not write, or another
+            report is writing into it.
         ValueError: if ``run_dirs`` is empty.
     """
     if not run_dirs:
         raise ValueError("mileloss report: give at least one run folder")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs([load_run(path) for path in run_dirs])
+    _check_out(out)  # before any work: a folder that cannot take the report fails fast
+    runs = [load_run(path) for path in run_dirs]
+    check = check_same_data(runs, allow_mixed=allow_mixed_data)
+    for line in _warning_lines(check):
+        logger.warning("%s", line)
+    groups = group_runs(runs)
     table, metrics = comparison_table(groups)
     summary = verdict(groups, metrics)
-    figures = write_plots(groups, metrics, out)
+    create_output_folder(out, COMMAND)
+    with _locked(out):
+        previous = _check_out(out)  # again under the lock: the folder may have changed meanwhile
+        marker = {"written_by": COMMAND, "runs": [str(run.path) for run in runs]}
+        # listed before writing, so that a report killed half-way leaves a folder the next report recognises
+        write_atomic(out / MARKER, json.dumps({**marker, "complete": False, "files": sorted(WRITTEN)}, indent=2))
+        figures = write_plots(groups, metrics, out)
+        report = _write_documents(out, groups, table, summary, figures, check)
+        written = {"report.md", "report.html", *(path.name for path in figures.values())}
+        write_atomic(out / MARKER, json.dumps({**marker, "complete": True, "files": sorted(written)}, indent=2))
+        for stale in sorted((previous & WRITTEN) - written):  # figures of an earlier report that has no data now
+            (out / stale).unlink(missing_ok=True)
+    logger.info("wrote %s and %s", out / "report.md", report)
+    return report
+
+
+def _write_documents(out: Path, groups: list[RunGroup], table: Table, summary: str, figures: dict[str, Path],
+                     check: DataCheck) -> Path:
+    """``report.md`` and ``report.html``; returns the latter."""
     bucket_lines, run_lines = _bucket_lines(groups), _run_lines(groups)
+    warning = _warning_lines(check)
+    unverified = ([f"Training data not verified for {', '.join(check.unverified)}: only the recorded vocabulary "
+                   f"size was compared."] if check.unverified else [])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    markdown = ["# mileloss report: CE vs focal vs MiLe", "", f"**Verdict:** {summary}", "",
-                f"Generated {stamp}. Runs:", "", *[f"- {line}" for line in run_lines], ""]
+    markdown = ["# mileloss report: CE vs focal vs MiLe", ""]
+    if warning:
+        markdown += [f"> **{warning[0]}**", ">", *[f"> - {line}" for line in warning[1:]], ""]
+    markdown += [f"**Verdict:** {summary}", "", f"Generated {stamp}. Runs:", "", *[f"- {line}" for line in run_lines],
+                 "", *[f"{line}\n" for line in unverified]]
     if bucket_lines:
         markdown += [bucket_lines[0], "", *[f"- {line}" for line in bucket_lines[1:]], ""]
     markdown += ["## Comparison", "", _markdown_table(table), "", *[f"- {note}" for note in NOTES], "",
                  "## Figures", ""]
     for name, path in figures.items():
         markdown += [f"![{name}]({path.name})", "", f"*{CAPTIONS[name]}*", ""]
-    (out / "report.md").write_text("\n".join(markdown))
+    write_atomic(out / "report.md", "\n".join(markdown))
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mileloss report</title>",
-             f"<style>{STYLE}</style></head><body>", "<h1>mileloss report: CE vs focal vs MiLe</h1>",
-             f'<p class="verdict"><b>Verdict:</b> {html.escape(summary)}</p>',
-             f'<p class="small">Generated {stamp}.</p><ul class="small">',
-             *[f"<li>{html.escape(line)}</li>" for line in run_lines], "</ul>"]
+             f"<style>{STYLE}</style></head><body>", "<h1>mileloss report: CE vs focal vs MiLe</h1>"]
+    if warning:
+        parts += [f'<div class="warning"><b>{html.escape(warning[0])}</b><ul>',
+                  *[f"<li>{html.escape(line)}</li>" for line in warning[1:]], "</ul></div>"]
+    parts += [f'<p class="verdict"><b>Verdict:</b> {html.escape(summary)}</p>',
+              f'<p class="small">Generated {stamp}.</p><ul class="small">',
+              *[f"<li>{html.escape(line)}</li>" for line in run_lines], "</ul>",
+              *[f'<p class="small">{html.escape(line)}</p>' for line in unverified]]
     if bucket_lines:
         parts += [f'<p class="small">{html.escape(bucket_lines[0])}</p><ul class="small">',
                   *[f"<li>{html.escape(line)}</li>" for line in bucket_lines[1:]], "</ul>"]
@@ -141,7 +241,4 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
                      f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>")
     parts.append("</body></html>")
-    report = out / "report.html"
-    report.write_text("\n".join(parts), encoding="utf-8")
-    logger.info("wrote %s and %s", out / "report.md", report)
-    return report
+    return write_atomic(out / "report.html", "\n".join(parts))

@@ -1,4 +1,8 @@
-"""Read what a run folder holds (config, metric curves, eval results) and group runs that differ only by seed."""
+"""Read what a run folder holds (config, metric curves, eval results) and group runs that differ only by seed.
+
+Every file is parsed as data (``json``, ``yaml.safe_load``) and checked against the shape the report reads, so a
+malformed or crafted file is a :class:`ReportError` naming the file and the field, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,84 @@ class ReportError(ValueError):
 
 class EmptyRunError(ReportError):
     """The folder is not a training run: it has neither ``metrics.jsonl`` nor ``config.yaml``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shapes of the files the report reads: {key: spec} (a trailing "?" marks an optional key), [spec] a list of
+# spec, MapOf(spec) a mapping of any keys to spec, OrNone(spec) spec or null, or a tuple of types (bool never
+# counts as a number)
+
+
+@dataclasses.dataclass(frozen=True)
+class MapOf:
+    spec: object
+
+
+@dataclasses.dataclass(frozen=True)
+class OrNone:
+    spec: object
+
+
+NUMBER = (int, float)
+NUMBER_OR_NONE = (int, float, type(None))
+TEXT_OR_NONE = (str, type(None))
+INT_OR_NONE = (int, type(None))
+HISTOGRAM = {"edges": [NUMBER], "overall": [NUMBER]}
+PERPLEXITY_SCHEMA = {
+    "bucket_cut_points": [NUMBER],
+    "buckets": [{"name": (str,), "label?": (str,), "num_types": NUMBER, "share_of_occurrences": NUMBER,
+                 "num_tokens": NUMBER, "ppl?": NUMBER_OR_NONE}],
+    "overall": {"ppl?": NUMBER_OR_NONE, "accuracy?": NUMBER_OR_NONE, "ece?": NUMBER_OR_NONE,
+                "entropy?": OrNone({"mean?": NUMBER_OR_NONE})},
+    "histograms?": {"entropy?": HISTOGRAM, "weight?": HISTOGRAM},
+    "loss_weight?": {"kind?": (str,), "gamma": NUMBER, "sigma": NUMBER},
+    "mile_weight?": {"gamma": NUMBER, "sigma": NUMBER},
+    "data?": {"data_dir?": TEXT_OR_NONE, "corpus?": TEXT_OR_NONE, "vocab_size?": INT_OR_NONE,
+              "manifest_sha256?": TEXT_OR_NONE, "tokenizer_sha256?": TEXT_OR_NONE},
+    "data_dir?": TEXT_OR_NONE,
+}
+LM_EVAL_SCHEMA = {"tasks": MapOf({"value?": NUMBER_OR_NONE}), "num_fewshot?": INT_OR_NONE}
+RUN_INFO_SCHEMA = {"loss?": (dict,), "data_dir?": TEXT_OR_NONE, "steps?": INT_OR_NONE, "tokens?": INT_OR_NONE,
+                   "seed?": (int, str, type(None)), "model?": OrNone({"vocab_size?": INT_OR_NONE})}
+CONFIG_SCHEMA = {"loss?": (dict,), "run?": (dict,), "data?": {"dir?": TEXT_OR_NONE},
+                 "model?": {"vocab_size?": INT_OR_NONE}}
+LINE_SCHEMAS = {"train": {"step": NUMBER, "loss": NUMBER, "tokens?": NUMBER},
+                "val": {"step": NUMBER, "val_loss": NUMBER, "tokens?": NUMBER}}
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_shape(value, spec, where: str) -> None:
+    """Raise :class:`ReportError` (``"<where>: expected ..., got ..."``) unless ``value`` has the shape ``spec``."""
+    if isinstance(spec, OrNone):
+        if value is not None:
+            check_shape(value, spec.spec, where)
+    elif isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise ReportError(f"{where}: expected a mapping, got {_show(value)}")
+        for key, sub in spec.items():
+            name = key.rstrip("?")
+            if name in value:
+                check_shape(value[name], sub, f"{where}.{name}")
+            elif not key.endswith("?"):
+                raise ReportError(f"{where}: missing {name!r}")
+    elif isinstance(spec, MapOf):
+        if not isinstance(value, dict):
+            raise ReportError(f"{where}: expected a mapping, got {_show(value)}")
+        for key, item in value.items():
+            check_shape(item, spec.spec, f"{where}.{key}")
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise ReportError(f"{where}: expected a list, got {_show(value)}")
+        for index, item in enumerate(value):
+            check_shape(item, spec[0], f"{where}[{index}]")
+    elif isinstance(value, bool) or not isinstance(value, spec):
+        names = ["number" if t in (int, float) else "null" if t is type(None) else
+                 "mapping" if t is dict else t.__name__ for t in spec]
+        raise ReportError(f"{where}: expected {' or '.join(dict.fromkeys(names))}, got {_show(value)}")
 
 
 @dataclasses.dataclass
@@ -81,6 +163,19 @@ class RunRecord:
     def final_val_loss(self) -> float | None:
         return float(self.val[-1]["val_loss"]) if self.val else None
 
+    @property
+    def data_dir(self) -> str | None:
+        """The data directory the run trained on (``final/mileloss_run.json``, else ``config.yaml`` data.dir)."""
+        return self.run_info.get("data_dir") or (self.config.get("data") or {}).get("dir")
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size as the run recorded it (None if it did not)."""
+        for section in (self.run_info.get("model"), self.config.get("model")):
+            if isinstance(section, dict) and isinstance(section.get("vocab_size"), int):
+                return section["vocab_size"]
+        return None
+
     def group_key(self) -> tuple:
         flat = _flatten(self.config) if self.config else {"loss": json.dumps(self.loss, sort_keys=True)}
         return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flat.items() if k not in NON_SEMANTIC_KEYS))
@@ -97,26 +192,54 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReportError(f"{path}: cannot be read ({error})") from error
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     lines = []
-    for number, text in enumerate(path.read_text().splitlines(), start=1):
+    for number, text in enumerate(_read_text(path).splitlines(), start=1):
         if not text.strip():
             continue
         try:
-            lines.append(json.loads(text))
+            line = json.loads(text)
         except json.JSONDecodeError:
             # a run still writing may leave a partial last line; anything else is a broken file
             logger.warning("%s:%d: skipping a line that is not JSON", path, number)
+            continue
+        if not isinstance(line, dict):
+            raise ReportError(f"{path}:{number}: expected a JSON object, got {_show(line)}")
+        kind = line.get("kind")
+        if kind in LINE_SCHEMAS and any(key in line for key in LINE_SCHEMAS[kind] if not key.endswith("?")):
+            check_shape(line, LINE_SCHEMAS[kind], f"{path}:{number}")
+        lines.append(line)
     return lines
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path, schema: dict) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        value = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise ReportError(f"{path}: not valid JSON ({error.msg})") from error
+    check_shape(value, schema, str(path))
+    return value
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as error:
+        raise ReportError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+    config = config or {}
+    check_shape(config, CONFIG_SCHEMA, str(path))
+    return config
 
 
 def load_run(path: str | Path) -> RunRecord:
@@ -124,22 +247,23 @@ def load_run(path: str | Path) -> RunRecord:
 
     Raises:
         EmptyRunError: if the folder is missing or has neither ``metrics.jsonl`` nor ``config.yaml``.
+        ReportError: a file that is not valid JSON / YAML or lacks the fields the report reads (file and field
+            named).
     """
     path = Path(path)
     metrics_path, config_path = path / "metrics.jsonl", path / "config.yaml"
     if not path.is_dir() or not (metrics_path.is_file() or config_path.is_file()):
         what = "no such folder" if not path.is_dir() else "no metrics.jsonl or config.yaml"
         raise EmptyRunError(f"{path}: not a training run ({what}); pass folders written by `mileloss train`")
-    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
     lines = _read_jsonl(metrics_path) if metrics_path.is_file() else []
     return RunRecord(
         path=path,
-        config=config,
+        config=_read_config(config_path),
         train=[line for line in lines if line.get("kind") == "train" and "loss" in line],
         val=[line for line in lines if line.get("kind") == "val" and "val_loss" in line],
-        perplexity=_read_json(path / "eval" / "perplexity.json"),
-        lm_eval=_read_json(path / "eval" / "lm_eval.json"),
-        run_info=_read_json(path / "final" / "mileloss_run.json") or {},
+        perplexity=_read_json(path / "eval" / "perplexity.json", PERPLEXITY_SCHEMA),
+        lm_eval=_read_json(path / "eval" / "lm_eval.json", LM_EVAL_SCHEMA),
+        run_info=_read_json(path / "final" / "mileloss_run.json", RUN_INFO_SCHEMA) or {},
     )
 
 
