@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mileloss.integrations.hf import make_compute_loss_func, patch_causal_lm, shift_labels, unpatch_causal_lm
-from mileloss.losses.reference import token_weighted_loss_reference
 from mileloss.models import build_model
+from tests.reference import token_weighted_loss_reference
 
 VOCAB = 97
 

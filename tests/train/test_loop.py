@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mileloss.data import ShardChecksumError
-from mileloss.losses.reference import official_loss
 from mileloss.models import build_model
 from mileloss.train import NonFiniteLossError, PreflightError, TrainHooks, VocabMismatchError, load_config, train
 from mileloss.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -18,6 +17,7 @@ from mileloss.train.distributed import DistributedContext
 from mileloss.train.loop import LanguageModelLoss, train_step
 from mileloss.train.metrics import read_metrics
 from mileloss.train.preflight import PreparedRun
+from tests.reference import official_loss
 from tests.train._train_utils import tiny_overrides
 
 

@@ -8,17 +8,24 @@ import torch
 
 from mileloss.losses.chunked import LinearHead, LogitsHead, LossSpec, compute_dtype, loss_scale, run_chunks
 
-STAT_KEYS = ("ce", "entropy", "weight", "lse")
+STAT_KEYS = ("ce", "entropy", "log_weight", "lse")
 
 
 class TokenStats(NamedTuple):
     """Per-token diagnostics from the same pass that computed the loss (no second pass).
 
-    ce, entropy, weight, lse: float32 (float64 for float64 inputs), detached, shaped like ``targets``;
-    ``weight`` is 0 at ignored positions
-    (``ce`` too). weight_sum = sum of weights, valid_count = number of non-ignored targets,
-    weighted_ce_sum = sum of weight * ce: 0-d float64 tensors over *this* process's tokens only
-    (sum them over micro-batches / all-reduce them to normalise exactly; see ``WeightNormalizer``).
+    Per token, shaped like ``targets``, detached, float32 (float64 for float64 inputs):
+        ce, entropy, lse: CE_i, H_i (of the unclamped softmax, except in paper mode) and logsumexp(z_i);
+        ce is 0 at ignored positions.
+        weight: w_i = exp(log_weight_i), 0 at ignored positions; inf where w_i exceeds the dtype (gamma = 40
+        at V = 32000 gives ~1e42): use ``log_weight`` there.
+        log_weight: log w_i, -inf at ignored positions.
+    0-d float64 sums over *this* process's tokens only (sum them over micro-batches / all-reduce them to
+    normalise exactly; see ``WeightNormalizer``):
+        weight_sum = sum_i w_i exp(-c),  weighted_ce_sum = sum_i w_i CE_i exp(-c),  valid_count,
+        log_weight_shift = c, the fixed shift of the unnormalised outputs (``weights.log_weight_shift``:
+        0 for ce/focal and for MiLe unless (sigma + ln V)^gamma > 2^32). The ratio of the two sums is the
+        weighted-mean loss whatever c is.
     """
 
     ce: torch.Tensor
@@ -28,84 +35,143 @@ class TokenStats(NamedTuple):
     weight_sum: torch.Tensor
     valid_count: torch.Tensor
     weighted_ce_sum: torch.Tensor
+    log_weight: torch.Tensor
+    log_weight_shift: torch.Tensor
+
+
+class ForwardResult(NamedTuple):
+    loss: torch.Tensor
+    stats: dict
+    shift: torch.Tensor  # 0-d float64: the loss is scale * sum_i exp(lw_i - shift) CE_i
+    scale: torch.Tensor  # 0-d float64
+    global_loss: torch.Tensor  # 0-d float64, normalised over all ranks
+    head: object
+    running: torch.Tensor | None  # single pass: the shift the head's sums over tokens are relative to
 
 
 def _make_head(tensors):
     return LogitsHead(tensors[0]) if len(tensors) == 1 else LinearHead(*tensors)
 
 
-def _forward(spec: LossSpec, targets: torch.Tensor, tensors, needs: tuple[bool, ...]):
-    """Run the loop; returns (loss, stats dict, scale, global_loss, head with grads if single pass)."""
+def output_dtype(spec: LossSpec, input_dtype: torch.dtype) -> torch.dtype:
+    """A mean is on the cross-entropy scale and comes back in the inputs' dtype; "sum" and "none" (sums of
+    unnormalised weighted terms, which overflow float16 for a few thousand tokens) in the compute dtype:
+    float32 for float16/bfloat16/float32 inputs, float64 for float64."""
+    return input_dtype if spec.reduction == "mean" else compute_dtype(input_dtype)
+
+
+def _forward(spec: LossSpec, targets: torch.Tensor, tensors, needs: tuple[bool, ...]) -> ForwardResult:
+    """Run the loop once; the head holds the (unnormalised) gradients if the single pass applies."""
     head = _make_head(tensors)
     n = head.num_rows
-    keys = STAT_KEYS + (("weight_all",) if spec.normalize == "paper" else ())
+    single_pass = any(needs) and spec.single_pass
+    keys = STAT_KEYS + (("log_weight_all",) if spec.normalize == "paper" else ()) + (
+        ("row_shift",) if single_pass else ())
     dtype = compute_dtype(tensors[0].dtype)
     stats = {key: torch.zeros(n, dtype=dtype, device=targets.device) for key in keys}
-    single_pass = any(needs) and spec.single_pass
     if single_pass:
         head.allocate_grads(needs)
-    run_chunks(head, targets, spec, coefs="weight" if single_pass else None, stats_out=stats)
+    running = run_chunks(head, targets, spec, coefs="weight" if single_pass else None, stats_out=stats)
     valid = targets != spec.ignore_index
-    scale, global_loss = loss_scale(spec, stats, valid)
-    per_token = stats["weight"] * stats["ce"]
-    if spec.reduction == "none":
-        loss = per_token * scale
-    else:
-        loss = per_token.double().sum() * scale.double()
-    return loss.to(tensors[0].dtype), stats, scale, global_loss, head
+    shift, scale, global_loss = loss_scale(spec, stats, valid, head.vocab)
+    terms = torch.exp(stats["log_weight"].double() - shift) * stats["ce"].double()  # 0 where ignored
+    loss = terms * scale if spec.reduction == "none" else terms.sum() * scale
+    loss = loss.to(output_dtype(spec, tensors[0].dtype))
+    return ForwardResult(loss, stats, shift, scale, global_loss, head, running)
+
+
+def _scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    # ``.data``: the saved tensor is modified without bumping its autograd version, so that a second backward
+    # (retain_graph=True) can still unpack it; that backward knows the factor already applied
+    grad.data.mul_(factor)
 
 
 class TokenWeightedLossFunction(torch.autograd.Function):
-    """Forward: loss and per-row stats. Backward: the gradients built in forward, scaled in place by
-    ``grad_output`` (single pass), or one more chunk sweep with per-row coefficients (recompute)."""
+    """Forward: loss and per-row stats. Backward: the gradients built in forward, scaled in place
+    (single pass), or one more chunk sweep with per-row coefficients (recompute).
+
+    Everything backward needs is saved with ``save_for_backward``, so autograd frees it after the first
+    backward (the (N, V) logit gradient then lives on only as ``.grad``), and a second backward without
+    ``retain_graph=True`` raises PyTorch's "Trying to backward through the graph a second time" error.
+    With ``retain_graph=True`` a second backward is supported and gives the same gradient again.
+    """
 
     @staticmethod
     def forward(ctx, spec: LossSpec, targets: torch.Tensor, *tensors):
         needs = tuple(ctx.needs_input_grad[2:])
-        loss, stats, scale, global_loss, head = _forward(spec, targets, tensors, needs)
-        ctx.spec, ctx.scale, ctx.applied_factor = spec, scale, None
+        result = _forward(spec, targets, tensors, needs)
+        stats = result.stats
+        ctx.spec, ctx.shift, ctx.scale = spec, result.shift, result.scale
         if spec.single_pass:
-            ctx.grads, ctx.grad_dtypes = head.grads(), head.output_dtypes()
+            head = result.head
+            grads = head.grads()
+            ctx.layout = tuple((g is not None, row) for g, row in zip(grads, head.row_wise, strict=True))
+            ctx.grad_dtypes = head.output_dtypes()
+            ctx.applied = None  # grad_output of the first backward, once applied
+            running = result.running if result.running is not None else torch.zeros(())
+            ctx.save_for_backward(stats["row_shift"], running, *(g for g in grads if g is not None))
         else:
-            ctx.save_for_backward(targets, stats["weight"], stats["ce"], global_loss, *tensors[:2])
+            ctx.save_for_backward(targets, stats["log_weight"], stats["ce"], result.global_loss, *tensors[:2])
             ctx.bias = tensors[2] if len(tensors) == 3 else None
-            ctx.grads = ()
-        outputs = (loss, stats["ce"], stats["entropy"], stats["weight"], stats["lse"])
+        outputs = (result.loss, stats["ce"], stats["entropy"], stats["log_weight"], stats["lse"])
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *unused_stat_grads):
-        spec = ctx.spec
-        if spec.single_pass:
-            # the gradients were built in forward without the normaliser; scale them in place (no copy).
-            # A second backward (retain_graph, gradcheck) rescales a copy by the ratio of the factors.
-            factor = grad_loss.to(ctx.scale.dtype) * ctx.scale
-            if ctx.applied_factor is None:
-                ctx.applied_factor = factor
-                return (None, None, *_cast(tuple(None if g is None else g.mul_(factor) for g in ctx.grads),
-                                           ctx.grad_dtypes))
-            if float(ctx.applied_factor) == 0.0:
-                raise RuntimeError("mileloss: a second backward after a zero grad_output cannot recover the "
-                                   "gradient (it is scaled in place); recompute the loss instead")
-            ratio = factor / ctx.applied_factor
-            return (None, None, *_cast(tuple(None if g is None else g * ratio for g in ctx.grads),
-                                       ctx.grad_dtypes))
-        targets, weight, ce, global_loss, *saved = ctx.saved_tensors
-        tensors = (*saved, ctx.bias) if len(saved) == 2 else tuple(saved)
-        valid = targets != spec.ignore_index
-        go = grad_loss.to(weight.dtype) * ctx.scale  # (N,) for reduction "none", else 0-d
-        coef_ce = go * weight
-        coef_weight = None
-        if not spec.detach_weight:
-            weighted_mean = spec.reduction == "mean" and spec.normalize == "weighted"
-            centre = global_loss.to(weight.dtype) if weighted_mean else 0.0
-            coef_weight = torch.where(valid, go * (ce - centre), torch.zeros_like(ce))
-        head = _make_head(tensors)
-        head.allocate_grads(tuple(ctx.needs_input_grad[2:]))
-        run_chunks(head, targets, spec, coefs=(coef_ce, coef_weight))
-        return (None, None, *_cast(head.grads(), head.output_dtypes()))
+        if ctx.spec.single_pass:
+            return (None, None, *_single_pass_backward(ctx, grad_loss))
+        return (None, None, *_recompute_backward(ctx, grad_loss))
+
+
+def _single_pass_backward(ctx, grad_loss):
+    """Row i of a row-wise gradient (logits, hidden) is multiplied by go * scale * exp(R_i - shift), a sum over
+    tokens (fused weight, bias) by go * scale * exp(R_final - shift); R is the running shift of the forward.
+    Unpacking the saved tensors raises PyTorch's own error on a second backward without retain_graph."""
+    row_shift, running, *present = ctx.saved_tensors
+    go = grad_loss.detach().to(torch.float64)
+    if ctx.applied is not None:  # second backward (retain_graph=True): the gradients hold the first go
+        if float(ctx.applied) == 0.0:
+            raise RuntimeError("mileloss: a second backward after a zero grad_output cannot recover the "
+                               "gradient (it is scaled in place); recompute the loss instead")
+        ratio = go / ctx.applied
+        scaled = iter(g * ratio.to(g.dtype) for g in present)
+    else:
+        ctx.applied = go
+        dtype = row_shift.dtype
+        row_factor = (go * ctx.scale * torch.exp(row_shift.double() - ctx.shift)).to(dtype)
+        sum_factor = (go * ctx.scale * torch.exp(running.double() - ctx.shift)).to(dtype)
+        for g, (_, row_wise) in zip(present, (item for item in ctx.layout if item[0]), strict=True):
+            _scale_in_place(g, row_factor[:, None] if row_wise else sum_factor)
+        scaled = iter(present)
+    grads = tuple(next(scaled) if exists else None for exists, _ in ctx.layout)
+    return _cast(grads, ctx.grad_dtypes)
+
+
+def _recompute_backward(ctx, grad_loss):
+    """One more sweep with coef_ce_i = go_i * scale * w_i' and, for a non-detached weight,
+    coef_logw_i = go_i * scale * (CE_i - centre) * w_i', w_i' = exp(lw_i - shift) the forward's shifted
+    weights and centre the weighted-mean loss (the derivative of sum w CE / sum w w.r.t. w_i is
+    (CE_i - loss) / sum w)."""
+    spec = ctx.spec
+    targets, log_weight, ce, global_loss, *saved = ctx.saved_tensors
+    tensors = (*saved, ctx.bias) if len(saved) == 2 else tuple(saved)
+    dtype = log_weight.dtype
+    valid = targets != spec.ignore_index
+    go = grad_loss.detach().to(torch.float64) * ctx.scale  # (N,) for reduction "none", else 0-d
+    weight = torch.exp(log_weight.double() - ctx.shift)
+    coef_ce = (go * weight).to(dtype)
+    coef_logw = None
+    if not spec.detach_weight:
+        weighted_mean = spec.reduction == "mean" and spec.normalize == "weighted"
+        centre = global_loss if weighted_mean else 0.0
+        terms = go * (ce.double() - centre) * weight
+        coef_logw = torch.where(valid, terms, torch.zeros_like(terms)).to(dtype)
+    head = _make_head(tensors)
+    head.allocate_grads(tuple(ctx.needs_input_grad[2:]))
+    run_chunks(head, targets, spec, coefs=(coef_ce, coef_logw))
+    return _cast(head.grads(), head.output_dtypes())
 
 
 def _cast(grads, dtypes):

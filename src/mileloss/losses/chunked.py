@@ -1,14 +1,22 @@
 """The one engine: token-weighted cross-entropy over row chunks, from logits or fused with the LM head.
 
-For row i with logits z (V,), m = max z, e = exp(z - m), d = sum e, target y and weight w:
+For row i with logits z (V,), m = max z, e = exp(z - m), d = sum e, target y and log-weight lw_i = log w_i:
 
-    CE_i  = log d - (z_y - m)                 H_i = log d - sum(e * (z - m)) / d
-    loss  = sum_i w_i CE_i / normaliser       dloss/dz_i = (w_i / normaliser) * (softmax(z_i) - onehot(y_i))
+    CE_i  = log d - (z_y - m)                 H_i = log d - sum(e * (z - m)) / d      (both >= 0)
+    loss  = sum_i exp(lw_i - s) CE_i * scale                 dloss/dz_i = exp(lw_i - s) * scale * (p_i - onehot(y_i))
+
+with a shift ``s`` and a ``scale`` from :func:`loss_scale`: for a weighted mean s = max_i lw_i and
+scale = 1 / sum_i exp(lw_i - s), so no weight is ever formed outside [0, 1] (see ``weights.py``).
+A -inf logit has p = 0 and adds nothing to d or H (0 * -inf is taken as 0); a +inf or NaN logit makes
+its row NaN.
 
 Rows are processed ``chunk_size`` at a time in two reusable fp32 (chunk, V) buffers, so nothing of size
 (N, V) is allocated besides the gradient of the logits (and, on the fused path, not even that). When the
-weights are detached and a scalar is returned, the gradient is built *during* the forward pass (one pass);
-``reduction="none"`` and ``detach_weight=False`` save O(N) row statistics and recompute chunks in backward.
+weights are detached and a scalar is returned, the gradient is built *during* the forward pass (one pass):
+each chunk's rows are weighted by exp(lw_i - R) with R the running maximum of the log-weights so far, the
+(V, D) accumulators of the fused path are rescaled when R grows (as online softmax rescales its partial
+sums), and the backward multiplies row i by exp(R_i - s) * scale. ``reduction="none"`` and
+``detach_weight=False`` save O(N) row statistics and recompute chunks in backward.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mileloss.losses.weights import token_weight, weight_derivative
+from mileloss.losses.weights import log_token_weight, log_weight_derivative, log_weight_shift
 
 _LOG_CLAMP = math.log(1e-8)  # the official code clamps the softmax to [1e-8, 1] before its log
+_FLOOR = -1.0e4  # z - max below this has exp() == 0 exactly in float32 and float64: a -inf logit's stand-in
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,8 @@ class LogitsHead:
         self.num_rows, self.vocab = logits.shape
         self.hidden_dim = None
         self.grad_logits: torch.Tensor | None = None
+        self.row_wise = (True,)  # which of grads() has one row per token (the others sum over tokens)
+        self.accumulates = False
 
     def chunk_logits(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         out.copy_(self.logits[start:stop])  # upcast to the compute dtype; never modify the caller's logits
@@ -124,6 +135,8 @@ class LinearHead:
         self.upcast = weight.dtype != self.dtype and weight.device.type != "cuda"
         self.gemm_weight = weight.to(self.dtype) if self.upcast else weight
         self.grad_hidden = self.grad_weight = self.grad_bias = None
+        self.row_wise = (True, False, False)
+        self.accumulates = False
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         h = self.hidden[start:stop]
@@ -147,6 +160,13 @@ class LinearHead:
         self.grad_hidden = zeros(self.hidden) if needs[0] else None
         self.grad_weight = zeros(self.weight) if needs[1] else None
         self.grad_bias = zeros(self.bias) if needs[2] and self.bias is not None else None
+        self.accumulates = self.grad_weight is not None or self.grad_bias is not None
+
+    def rescale_accumulators(self, ratio: float) -> None:
+        """Multiply the sums over tokens (weight and bias gradients) by ``ratio`` (a new running shift)."""
+        for grad in (self.grad_weight, self.grad_bias):
+            if grad is not None:
+                grad.mul_(ratio)
 
     def accumulate(self, grad_z: torch.Tensor, start: int, stop: int) -> None:
         h = self._rows(start, stop)
@@ -187,66 +207,86 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
     """Row statistics of one chunk, in place.
 
     Args:
-        z: (C, V) logits in the compute dtype (fp32, or fp64 for fp64 inputs); on return holds z - rowmax,
-            or, for a detached MiLe weight, garbage (it is reused as scratch).
-        e: (C, V) buffer of the same dtype; on return holds exp(z - rowmax).
+        z: (C, V) logits in the compute dtype (fp32, or fp64 for fp64 inputs); on return holds z - rowmax
+            (floored at -1e4 for a non-detached MiLe weight, which reads it again), or else garbage (it is
+            reused as scratch).
+        e: (C, V) buffer of the same dtype; on return holds exp(z - rowmax) (0 for a -inf logit).
         targets: (C,) int64 with ignored rows replaced by 0.   valid: (C,) bool.
     Returns:
-        dict of (C,) tensors in the compute dtype: ce, entropy, weight (0 where ignored), lse, log_d, d, p_target,
-        and weight_all (the paper-mode weight, counting ignored rows as the official code does).
+        dict of (C,) tensors in the compute dtype: ce (0 where ignored, +inf where the target's logit is
+        -inf), entropy, log_weight (-inf where ignored), log_weight_all (the weight of every position, ignored
+        ones included, as the official code counts them in paper mode), lse, log_d, d, p_target.
     """
-    rowmax = z.amax(dim=1, keepdim=True)
-    z.sub_(rowmax)
+    rowmax = z.amax(dim=1, keepdim=True)  # NaN if any logit is NaN
+    z.sub_(rowmax)  # a -inf logit stays -inf; a +inf (or all -inf) maximum makes the whole row NaN
     torch.exp(z, out=e)
-    d = e.sum(dim=1)
+    d = e.sum(dim=1)  # >= 1: the maximum contributes exactly 1
     log_d = d.log()
     ce = log_d - z.gather(1, targets[:, None]).squeeze(1)
     ce = torch.where(valid, ce, torch.zeros_like(ce))
-    p_target = torch.exp(-ce)  # 1 at ignored rows, as in the official code (its ce is 0 there)
     entropy = torch.zeros_like(d)
     if spec.needs_entropy:
         correction = _clamp_correction(z, e, log_d, d) if spec.normalize == "paper" else 0.0
         # sum_v e_v (z_v - m) per row. Only a non-detached MiLe weight reads z again, so otherwise the product
         # overwrites z (no third (C, V) buffer); else vecdot (5x faster than a (1, V) @ (V, 1) bmm on CPU).
         if spec.detach_weight or spec.weighting != "mile":
-            dot = z.mul_(e).sum(dim=1)
+            dot = _row_sum_of_products(z.mul_(e), d)
         else:
+            z.clamp_min_(_FLOOR)  # finite stand-in for -inf (exp is 0 either way); keeps NaN rows NaN
             dot = torch.linalg.vecdot(e, z)
-        entropy = log_d - dot / d + correction
-    weight_all = token_weight(spec.weighting, entropy, p_target, spec.gamma, spec.sigma)
-    weight = torch.where(valid, weight_all, torch.zeros_like(weight_all))
-    return dict(ce=ce, entropy=entropy, weight=weight, weight_all=weight_all, lse=rowmax.view(-1) + log_d,
-                log_d=log_d, d=d, p_target=p_target)
+        entropy = log_d - dot / d + correction  # log d >= 0 and -dot >= 0: no cancellation, H >= 0
+    log_weight_all = log_token_weight(spec.weighting, entropy, ce, spec.gamma, spec.sigma)
+    log_weight = torch.where(valid, log_weight_all, torch.full_like(log_weight_all, -math.inf))
+    return dict(ce=ce, entropy=entropy, log_weight=log_weight, log_weight_all=log_weight_all,
+                lse=rowmax.view(-1) + log_d, log_d=log_d, d=d, p_target=torch.exp(-ce))
+
+
+def _row_sum_of_products(product: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``e * (z - m)``, with the NaN of ``0 * -inf`` (a -inf logit: p = 0) counted as 0.
+
+    Where d is finite the maximum is finite and no logit is NaN, so a NaN product can only be 0 * -inf; a
+    row with a NaN or +inf logit has a NaN d and stays NaN through it. On CPU the plain sum runs first and
+    only chunks holding such a row pay for ``nansum``; elsewhere ``nansum`` (no host synchronisation)."""
+    if product.device.type != "cpu":
+        return product.nansum(dim=1)
+    dot = product.sum(dim=1)
+    fix = torch.isnan(dot) & torch.isfinite(d)
+    if bool(fix.any()):
+        dot = torch.where(fix, product.nansum(dim=1), dot)
+    return dot
 
 
 def _clamp_correction(z: torch.Tensor, e: torch.Tensor, log_d: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """H(clamp(p, 1e-8, 1)) - H(p): entries with p < 1e-8 contribute -1e-8 log 1e-8 instead of -p log p."""
+    """H(clamp(p, 1e-8, 1)) - H(p): entries with p < 1e-8 contribute -1e-8 log 1e-8 instead of -p log p.
+
+    A -inf logit (p = 0) is such an entry: the official code's clamp turns its 0 into 1e-8 too."""
     log_p = z - log_d[:, None]  # (C, V) temporary: paper mode only
     small = log_p < _LOG_CLAMP
     clamped_term = small.sum(1).to(z.dtype) * (-1e-8 * _LOG_CLAMP)
-    exact_term = torch.where(small, e * log_p, torch.zeros_like(log_p)).sum(1) / d
+    exact_term = torch.where(small, e * log_p, torch.zeros_like(log_p)).nansum(1) / d  # 0 * -inf -> 0
     return clamped_term + exact_term
 
 
 def chunk_logit_grad(
     z: torch.Tensor, e: torch.Tensor, out: torch.Tensor, stats: dict, targets: torch.Tensor,
-    coef_ce: torch.Tensor, coef_weight: torch.Tensor | None, spec: LossSpec,
+    coef_ce: torch.Tensor, coef_logw: torch.Tensor | None, spec: LossSpec,
 ) -> torch.Tensor:
-    """Gradient of sum_i [coef_ce_i * CE_i + coef_weight_i * w_i] w.r.t. the chunk's logits, into ``out``.
+    """Gradient of sum_i [coef_ce_i * CE_i + coef_logw_i * log w_i] w.r.t. the chunk's logits, into ``out``.
 
-    d CE_i / dz = p - onehot(y)                          (the cross-entropy part)
-    d w_i / dz  = w'(H) * (-p * (log p + H))             (mile, only when the weight is not detached)
-                = w'(p_t) * p_t * (onehot(y) - p)         (focal: the same shape as the CE part)
-    ``z``/``e`` come from :func:`chunk_row_stats` (``z`` is only read for a non-detached MiLe weight);
-    ``out`` may alias ``e``.
+    d CE_i / dz     = p - onehot(y)                              (the cross-entropy part)
+    d log w_i / dz  = lw'(H) * (-p * (log p + H))                 (mile, only when the weight is not detached)
+                    = lw'(p_y) * p_y * (onehot(y) - p)           (focal: the same shape as the CE part)
+    with lw' = d log w / d(statistic) (:func:`log_weight_derivative`); a caller wanting the derivative through
+    w_i passes coef_logw_i = coef_w_i * w_i. ``z``/``e`` come from :func:`chunk_row_stats` (``z`` is only
+    read for a non-detached MiLe weight); ``out`` may alias ``e``. Rows with p = 0 entries get 0 there.
     """
     a = coef_ce
-    if coef_weight is not None and spec.weighting == "focal":
-        dw = weight_derivative("focal", stats["entropy"], stats["p_target"], spec.gamma, spec.sigma)
-        a = a - coef_weight * dw * stats["p_target"]
-    if coef_weight is not None and spec.weighting == "mile":
-        # grad = p * (a - c * (log p + H)) - a * onehot, c = coef_weight * w'(H); log p = z - log d
-        c = coef_weight * weight_derivative("mile", stats["entropy"], stats["p_target"], spec.gamma, spec.sigma)
+    if coef_logw is not None and spec.weighting == "focal":
+        dlogw = log_weight_derivative("focal", stats["entropy"], stats["ce"], spec.gamma, spec.sigma)
+        a = a - coef_logw * dlogw * stats["p_target"]
+    if coef_logw is not None and spec.weighting == "mile":
+        # grad = p * (a - c * (log p + H)) - a * onehot, c = coef_logw * lw'(H); log p = z - log d
+        c = coef_logw * log_weight_derivative("mile", stats["entropy"], stats["ce"], spec.gamma, spec.sigma)
         z.sub_((stats["log_d"] - stats["entropy"])[:, None]).mul_(-c[:, None]).add_(a[:, None])
         torch.mul(e, z, out=out).div_(stats["d"][:, None])
     else:
@@ -260,9 +300,18 @@ def chunk_logit_grad(
 
 
 def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_out: dict | None = None):
-    """One sweep over all rows. With ``coefs=(coef_ce, coef_weight)`` (each (N,) or None) also writes the
-    logit gradient of sum_i coef_ce_i CE_i + coef_weight_i w_i into ``head``; ``coefs="weight"`` uses
-    coef_ce = w (the unnormalised single-pass gradient). Fills ``stats_out`` with (N,) fp32 row stats."""
+    """One sweep over all rows; fills ``stats_out`` (a dict of (N,) tensors, keys from :func:`chunk_row_stats`).
+
+    ``coefs=(coef_ce, coef_logw)`` (each (N,) or None): also writes into ``head`` the logit gradient of
+    sum_i coef_ce_i CE_i + coef_logw_i log w_i (the backward of the recompute path).
+
+    ``coefs="weight"`` (the single pass): writes the gradient of sum_i exp(lw_i - R_i) CE_i, where R_i is
+    the running maximum of the log-weights over the chunks up to row i's; ``stats_out["row_shift"]`` gets
+    R_i (-inf while every weight so far is 0). The head's sums over tokens (fused weight and bias gradients)
+    are rescaled by exp(R_old - R_new) whenever R grows, so at the end they are relative to the returned
+    final R. That comparison reads R on the host: one synchronisation per chunk on CUDA, fused path only.
+    Returns the final R (0-d), or None.
+    """
     n, vocab = head.num_rows, head.vocab
     device = targets.device
     chunk = spec.chunk_size or default_chunk_size(n, vocab, head.hidden_dim, device)
@@ -271,6 +320,7 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
     e_buf = torch.empty_like(z_buf)
     valid_all = targets != spec.ignore_index
     safe_all = torch.where(valid_all, targets, torch.zeros_like(targets))
+    running = torch.full((), -math.inf, dtype=dtype, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = stop - start
@@ -280,26 +330,38 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
         stats = chunk_row_stats(z, e, safe, valid, spec)
         if stats_out is not None:
             for key in stats_out:
-                stats_out[key][start:stop] = stats[key]
+                if key != "row_shift":
+                    stats_out[key][start:stop] = stats[key]
         if coefs is None:
             continue
         if coefs == "weight":
-            coef_ce, coef_weight = stats["weight"], None
+            log_weight = stats["log_weight"]
+            grown = torch.maximum(running, log_weight.max())  # NaN propagates
+            if head.accumulates:
+                old, new = float(running), float(grown)
+                if old != -math.inf and not old == new:  # NaN compares unequal: the sums become NaN
+                    head.rescale_accumulators(math.exp(old - new))
+            running = grown
+            if stats_out is not None and "row_shift" in stats_out:
+                stats_out["row_shift"][start:stop] = running
+            base = torch.where(running == -math.inf, torch.zeros_like(running), running)
+            coef_ce, coef_logw = torch.exp(log_weight - base), None
         else:
             coef_ce = coefs[0][start:stop]
-            coef_weight = None if coefs[1] is None else coefs[1][start:stop]
+            coef_logw = None if coefs[1] is None else coefs[1][start:stop]
         out = head.gradient_buffer(e, start, stop)
-        grad_z = chunk_logit_grad(z, e, out, stats, safe, coef_ce, coef_weight, spec)
+        grad_z = chunk_logit_grad(z, e, out, stats, safe, coef_ce, coef_logw, spec)
         head.accumulate(grad_z, start, stop)
+    return running if coefs == "weight" else None
 
 
 # ---------------------------------------------------------------------------------------------------
-# normalisation: one scale turns sum_i w_i CE_i into the loss
+# normalisation: a shift and a scale turn sum_i exp(lw_i - shift) CE_i into the loss
 
 
-def _all_reduce(values: torch.Tensor, group) -> torch.Tensor:
+def _all_reduce(values: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group is not None:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(values, op=op, group=group)
     return values
 
 
@@ -307,27 +369,78 @@ def _world_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def loss_scale(spec: LossSpec, stats: dict, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, global_loss): the loss is ``scale * sum_i w_i CE_i`` (``scale * w_i CE_i`` per token for
-    reduction "none"); ``global_loss`` is the normalised loss over all ranks (used by the exact gradient of a
-    non-detached weight). With a process group, "weighted"/"none" means are multiplied by the world size so
-    that DDP's gradient averaging yields exactly the single-process gradient of the concatenated batch."""
-    weight, ce = stats["weight"].double(), stats["ce"].double()
-    num, den_w, count = (weight * ce).sum(), weight.sum(), valid.sum().double()
+def _max_or_neg_inf(values: torch.Tensor) -> torch.Tensor:
+    if values.numel() == 0:
+        return torch.full((), -math.inf, dtype=values.dtype, device=values.device)
+    return values.max()
+
+
+def _finite_or_zero(top: torch.Tensor) -> torch.Tensor:
+    """A shift: the largest log-weight, or 0 when every weight is 0 (top = -inf). NaN stays NaN."""
+    return torch.where(top == -math.inf, torch.zeros_like(top), top)
+
+
+def _inverse_or_zero(value: torch.Tensor) -> torch.Tensor:
+    """1 / value, with 0 for an empty normaliser (empty or all-ignored batch) and NaN for a NaN one."""
+    return torch.where(value == 0, torch.zeros_like(value), 1.0 / value)
+
+
+def loss_scale(spec: LossSpec, stats: dict, valid: torch.Tensor, vocab: int):
+    """(shift, scale, global_loss), 0-d float64: the loss is ``scale * sum_i exp(lw_i - shift) CE_i``
+    (``scale * exp(lw_i - shift) CE_i`` per token for reduction "none").
+
+    * "weighted" mean: shift = max_i lw_i over all ranks (all-reduce MAX), scale = world / sum_i exp(lw_i - shift)
+      (all-reduce SUM). The weighted mean is invariant to the shift, so this is exact for any weights.
+    * "sum", "none" and the "none" (token-count) mean: shift = c from :func:`log_weight_shift` (fixed by the
+      options and V), scale = 1 (or world / global count).
+    * "paper": see :func:`_paper_scale`.
+
+    ``global_loss`` is the normalised loss over all ranks (the centre of the exact gradient of a non-detached
+    weight). With a process group, "weighted"/"none" means are multiplied by the world size so that DDP's
+    gradient averaging yields exactly the single-process gradient of the concatenated batch.
+    """
+    log_weight, ce = stats["log_weight"].double(), stats["ce"].double()
+    group = spec.process_group
     if spec.normalize == "paper":
-        # alpha = 1 / mean(w over all positions), then the mean over all positions, ignored ones included
-        n_all = torch.tensor(float(valid.numel()), dtype=torch.float64, device=valid.device)
-        den_all = stats["weight_all"].double().sum()
-        alpha = torch.where(den_all > 0, n_all / den_all, torch.zeros_like(den_all))
-        if spec.process_group is not None:  # the official code averages the ranks' alphas
-            alpha = _all_reduce(alpha.clone(), spec.process_group) / _world_size(spec.process_group)
+        return _paper_scale(spec, stats, log_weight, ce)
+    if spec.reduction == "mean" and spec.normalize == "weighted":
+        top = _all_reduce(_max_or_neg_inf(log_weight), group, dist.ReduceOp.MAX)
+        shift = _finite_or_zero(top)
+        weight = torch.exp(log_weight - shift)
+        totals = _all_reduce(torch.stack([(weight * ce).sum(), weight.sum()]), group)
+    else:
+        shift = torch.tensor(log_weight_shift(spec.weighting, spec.gamma, spec.sigma, vocab), dtype=torch.float64,
+                             device=log_weight.device)
+        weighted_ce = (torch.exp(log_weight - shift) * ce).sum()
         if spec.reduction != "mean":
-            return alpha.to(stats["ce"].dtype), alpha * num
-        scale = torch.where(n_all > 0, alpha / n_all.clamp_min(1), torch.zeros_like(alpha))
-        return scale.to(stats["ce"].dtype), scale * num
-    if spec.reduction != "mean":
-        return torch.ones((), dtype=stats["ce"].dtype, device=valid.device), num
-    totals = _all_reduce(torch.stack([num, den_w if spec.normalize == "weighted" else count]), spec.process_group)
-    global_num, global_den = totals[0], totals[1]
-    inv = torch.where(global_den > 0, 1.0 / global_den.clamp_min(1e-300), torch.zeros_like(global_den))
-    return (inv * _world_size(spec.process_group)).to(stats["ce"].dtype), global_num * inv
+            return shift, torch.ones_like(shift), weighted_ce
+        totals = _all_reduce(torch.stack([weighted_ce, valid.sum().double()]), group)
+    inverse = _inverse_or_zero(totals[1])
+    return shift, inverse * _world_size(group), totals[0] * inverse
+
+
+def _paper_scale(spec: LossSpec, stats: dict, log_weight: torch.Tensor, ce: torch.Tensor):
+    """The official formula: alpha = 1 / mean(w over all N positions), loss = mean over all positions of
+    alpha w_i CE_i (ignored ones included, with CE = 0); under a process group alpha is replaced by the mean
+    of the ranks' alphas. In logs: log alpha = log N - s - log sum_i exp(lw_i - s), s = max_i lw_i, so
+    alpha * w_i = exp(log alpha + s) * exp(lw_i - s) stays in range; the ranks' alphas are averaged as
+    exp(logmeanexp(log alpha)) (all-reduce MAX, then SUM). A rank whose weights are all 0 (no positions, or
+    focal on only ignored ones) contributes alpha = 0, where the official code would divide by zero.
+    """
+    log_weight_all = stats["log_weight_all"].double()
+    shift = _finite_or_zero(_max_or_neg_inf(log_weight_all))
+    n_all = float(log_weight_all.numel())
+    den_all = torch.exp(log_weight_all - shift).sum()
+    minus_inf = torch.full_like(den_all, -math.inf)
+    log_alpha = torch.where(den_all > 0, math.log(max(n_all, 1.0)) - shift - den_all.log(), minus_inf)
+    log_alpha = torch.where(torch.isnan(den_all), den_all, log_alpha)
+    group = spec.process_group
+    if group is not None:  # the official code all-reduces alpha and divides by the world size
+        top = _finite_or_zero(_all_reduce(log_alpha.clone(), group, dist.ReduceOp.MAX))
+        total = _all_reduce(torch.exp(log_alpha - top), group)
+        log_alpha = top + torch.log(total / _world_size(group))
+    log_scale = log_alpha + shift  # alpha * w_i = exp(log_scale) * exp(lw_i - shift)
+    if spec.reduction == "mean":
+        log_scale = log_scale - math.log(max(n_all, 1.0))
+    scale = torch.exp(log_scale)
+    return shift, scale, scale * (torch.exp(log_weight - shift) * ce).sum()

@@ -6,11 +6,15 @@ class LossInputError(ValueError):
 
 
 class ShapeError(LossInputError):
-    """Tensor shapes do not fit together (logits vs targets, hidden vs weight, bias)."""
+    """Tensor shapes do not fit together (logits vs targets, hidden vs weight, bias), or a dimension is empty."""
 
 
 class DTypeError(LossInputError):
     """Integer logits, non-integer targets, or mismatched floating dtypes."""
+
+
+class NotATensorError(DTypeError, TypeError):
+    """A tensor argument is something else (a numpy array, a list, None). Also a ``TypeError``."""
 
 
 class DeviceError(LossInputError):
@@ -22,4 +26,12 @@ class TargetRangeError(LossInputError):
 
 
 class ParameterError(LossInputError):
-    """A scalar option out of range (negative gamma, unknown reduction, bad chunk size, ...)."""
+    """A scalar option of the wrong type or out of range (gamma, sigma, reduction, chunk size, ...)."""
+
+
+class WeightRangeError(ParameterError):
+    """The token weights of an accumulated step lie outside what its fixed scale can represent in float32.
+
+    Raised by ``WeightNormalizer`` when the largest weight of the step, relative to the fixed shift of the
+    ``reduction="sum"`` outputs, is below 2^-64: the gradients summed over the micro-batches have then lost
+    their precision (see the "Range of gamma and sigma" notes in ``mileloss.losses.functional``)."""

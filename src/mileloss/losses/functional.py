@@ -12,59 +12,157 @@ and the weight detached by default. ``normalize`` picks the normaliser of ``redu
 number of valid tokens, ``"paper"`` the official code's formula with its quirks (alpha and the mean over all
 positions, ignored ones included; the mean of the ranks' alphas under a process group; clamped entropy).
 The ``linear_*`` variants take the last hidden states and the LM-head weight and never materialise the
-(N, V) logits.
+(N, V) logits. The float64 oracle these are tested against is ``tests/reference.py``.
+
+Non-finite logits. A -inf logit (a masked vocabulary entry, a -inf bias) has p = 0 and contributes 0 to
+the entropy and the softmax, as in ``F.cross_entropy``; a target whose logit is -inf has CE = +inf (the loss
+is +inf, its gradient finite). A row whose logits are all -inf has no distribution: NaN if its target is
+valid; if it is ignored the loss does not see it but its gradient row is NaN, both as ``F.cross_entropy``.
+A +inf or NaN logit makes its row, and so the loss, NaN.
+
+Range of gamma and sigma. The weights are handled as logs, ``log w = gamma * log(sigma + H)`` (focal:
+``gamma * log(1 - p_y)``), and exponentiated only after subtracting a shift, so they never overflow or
+underflow on the way to the loss:
+
+* ``reduction="mean"`` with ``normalize="weighted"`` or ``"paper"``: the shift is the batch's largest
+  log-weight (all-reduced with MAX under a process group), so sum_i w_i CE_i / sum_i w_i is computed as
+  sum_i exp(lw_i - m) CE_i / sum_i exp(lw_i - m) with every term in [0, 1]. Finite for any gamma, sigma
+  in range whenever the logits are finite (gamma = 40 at V = 32000, sigma = 0 on one-hot-like logits,
+  focal gamma = 8 on confident predictions all work). Tokens whose weight is below 2^-126 of the largest
+  count as 0, which changes the loss by less than that fraction.
+* ``reduction="sum"``/``"none"`` and ``normalize="none"`` return ``exp(-c) * w_i CE_i`` terms with a fixed
+  shift ``c`` (``TokenStats.log_weight_shift``; ``weights.log_weight_shift``): 0 for CE and focal (w <= 1)
+  and for MiLe whenever ``(sigma + ln V)^gamma <= 2^32`` (the plain sum: e.g. gamma <= 9 at V = 32000 and
+  sigma = 1), else ``gamma ln(sigma + ln V) - 32 ln 2``, so that no weight exceeds 2^32. ``c`` depends only
+  on (weighting, gamma, sigma, V), which is what lets micro-batches and ranks add their sums: gradient
+  accumulation back-propagates each micro-batch's sum before the step's normaliser is known, and
+  ``WeightNormalizer`` divides by the summed ``weight_sum`` (computed with the same ``c``) afterwards.
+  The limit of a fixed shift: the largest weight of the step, times exp(-c), must stay above 2^-64, or the
+  float32 gradients summed over the micro-batches lose their precision; ``WeightNormalizer`` checks this
+  and raises ``WeightRangeError`` rather than take a wrong step. That needs, per step, some token with
+  ``gamma * log2((sigma + ln V) / (sigma + H)) < 96`` (MiLe: at gamma = 40, V = 32000, sigma = 1, some token
+  with H > 1.2 nats) or ``(1 - p_y)^gamma > 2^-64`` (focal: at gamma = 8, some token with p_y < 0.996).
+  These sums are returned in float32 (float64 for float64 inputs) even for 16-bit inputs: a float16 sum of
+  a few thousand cross-entropies overflows.
+* Bounds: ``0 <= gamma <= 1000`` and ``0 <= sigma <= 1e6`` (``ParameterError`` outside). Nothing overflows
+  beyond them, but they are where float32 stops giving the weights meaning: the entropy carries a relative
+  rounding error of ~1e-7, which the power turns into a relative weight error of ~gamma * 1e-7 (1e-4 at
+  gamma = 1000), and above sigma = 1e6 the float32 sum sigma + H keeps H (<= ln V) only to ~0.06 nats.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+import operator
 
 import torch
 
 from mileloss.losses.autograd import TokenStats, TokenWeightedLossFunction, _forward
 from mileloss.losses.chunked import LossSpec
-from mileloss.losses.errors import DeviceError, DTypeError, ParameterError, ShapeError, TargetRangeError
-from mileloss.losses.weights import WEIGHTINGS
+from mileloss.losses.errors import (
+    DeviceError,
+    DTypeError,
+    NotATensorError,
+    ParameterError,
+    ShapeError,
+    TargetRangeError,
+)
+from mileloss.losses.weights import WEIGHTINGS, log_weight_shift
 
 REDUCTIONS = ("mean", "sum", "none")
 NORMALIZATIONS = ("weighted", "paper", "none")
+MAX_GAMMA = 1000.0
+MAX_SIGMA = 1.0e6
 
 
-def _check_spec(spec: LossSpec) -> None:
-    if spec.weighting not in WEIGHTINGS:
-        raise ParameterError(f"weighting must be one of {WEIGHTINGS}, got {spec.weighting!r}")
-    if spec.reduction not in REDUCTIONS:
-        raise ParameterError(f"reduction must be one of {REDUCTIONS}, got {spec.reduction!r}")
-    if spec.normalize not in NORMALIZATIONS:
-        raise ParameterError(f"normalize must be one of {NORMALIZATIONS}, got {spec.normalize!r}")
-    for name in ("gamma", "sigma"):
-        value = getattr(spec, name)
-        if not isinstance(value, (int, float)) or not value == value or value in (float("inf"), -float("inf")):
-            raise ParameterError(f"{name} must be a finite number, got {value!r}")
-        if value < 0:
-            raise ParameterError(f"{name} must be >= 0, got {value}")
-    if spec.chunk_size is not None and (not isinstance(spec.chunk_size, int) or spec.chunk_size < 1):
+def _real(name: str, value, upper: float) -> float:
+    """A finite real number in [0, upper] as a float; bools, strings, None and tensors are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ParameterError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ParameterError(f"{name} must be a finite number, got {value!r}")
+    if value < 0:
+        raise ParameterError(f"{name} must be >= 0, got {value}")
+    if value > upper:
+        raise ParameterError(f"{name} must be <= {upper:g} (the supported range; see the 'Range of gamma and "
+                             f"sigma' notes of mileloss.losses.functional), got {value:g}")
+    return value
+
+
+def _integer(name: str, value, *, allow_none: bool = False):
+    """An int (Python or numpy integer); bools and floats are refused."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise ParameterError(f"{name} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        expected = "an int or None" if allow_none else "an int"
+        raise ParameterError(f"{name} must be {expected}, got {type(value).__name__} {value!r}") from None
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ParameterError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ParameterError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def make_spec(weighting="mile", gamma=1.0, sigma=1.0, ignore_index=-100, reduction="mean", normalize="weighted",
+              detach_weight=True, process_group=None, chunk_size=None, return_stats=False) -> LossSpec:
+    """Check every option (named :class:`ParameterError` on a wrong type or value) and build the spec."""
+    spec = LossSpec(
+        weighting=_choice("weighting", weighting, WEIGHTINGS),
+        gamma=_real("gamma", gamma, MAX_GAMMA),
+        sigma=_real("sigma", sigma, MAX_SIGMA),
+        ignore_index=_integer("ignore_index", ignore_index),
+        reduction=_choice("reduction", reduction, REDUCTIONS),
+        normalize=_choice("normalize", normalize, NORMALIZATIONS),
+        detach_weight=_flag("detach_weight", detach_weight),
+        process_group=process_group,
+        chunk_size=_integer("chunk_size", chunk_size, allow_none=True),
+        return_stats=_flag("return_stats", return_stats),
+    )
+    if spec.chunk_size is not None and spec.chunk_size < 1:
         raise ParameterError(f"chunk_size must be a positive int or None, got {spec.chunk_size!r}")
     if spec.normalize == "paper" and not spec.detach_weight:
         raise ParameterError("normalize='paper' reproduces the official code, which detaches the weight; "
                              "use detach_weight=True or another normalize")
+    return spec
+
+
+def _check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        hint = " (convert it with torch.from_numpy or torch.as_tensor)" if hasattr(value, "__array__") else ""
+        raise NotATensorError(f"{name} must be a torch.Tensor, got {type(value).__module__}.{type(value).__name__}"
+                              f"{hint}")
 
 
 def _check_targets(targets: torch.Tensor, leading: tuple[int, ...], vocab: int, ignore_index: int, what: str):
-    if not isinstance(targets, torch.Tensor):
-        raise DTypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    """Any integer dtype (int8 ... int64, uint8); the range is checked on an int64 copy, so that a small dtype
+    cannot wrap the comparison with V or ignore_index."""
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise DTypeError(f"targets must be an integer tensor of class ids, got dtype {targets.dtype}")
     if tuple(targets.shape) != leading:
         raise ShapeError(f"targets shape {tuple(targets.shape)} does not match {what} leading shape {leading}")
-    flat = targets.reshape(-1)
+    flat = targets.reshape(-1).long()
     bad = ((flat < 0) | (flat >= vocab)) & (flat != ignore_index)
     if bool(bad.any()):  # one host sync; a wrong label must never become a silently wrong number
         value = int(flat[bad][0])
         raise TargetRangeError(f"target {value} is outside [0, {vocab}) and is not ignore_index={ignore_index}")
+    return flat
 
 
 def _check_float(name: str, tensor, ndim_min: int) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise DTypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    _check_tensor(name, tensor)
     if not tensor.dtype.is_floating_point:
         raise DTypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
     if tensor.dim() < ndim_min:
@@ -77,17 +175,19 @@ def _check_devices(**tensors) -> None:
         raise DeviceError(f"tensors are on different devices: {devices}")
 
 
-def _finish(outputs, targets: torch.Tensor, spec: LossSpec, return_stats: bool):
-    loss, ce, entropy, weight, lse = outputs
+def _finish(outputs, targets: torch.Tensor, spec: LossSpec, vocab: int):
+    loss, ce, entropy, log_weight, lse = outputs
     shape = targets.shape
     if spec.reduction == "none":
         loss = loss.view(shape)
-    if not return_stats:
+    if not spec.return_stats:
         return loss
     valid = targets.reshape(-1) != spec.ignore_index
-    weight64 = weight.double()
-    stats = TokenStats(ce.view(shape), entropy.view(shape), weight.view(shape), lse.view(shape),
-                       weight64.sum(), valid.sum().double(), (weight64 * ce.double()).sum())
+    shift = log_weight_shift(spec.weighting, spec.gamma, spec.sigma, vocab)
+    shifted = torch.exp(log_weight.double() - shift)
+    stats = TokenStats(ce.view(shape), entropy.view(shape), log_weight.exp().view(shape), lse.view(shape),
+                       shifted.sum(), valid.sum().double(), (shifted * ce.double()).sum(), log_weight.view(shape),
+                       torch.tensor(shift, dtype=torch.float64, device=log_weight.device))
     return loss, stats
 
 
@@ -95,8 +195,9 @@ def _finish(outputs, targets: torch.Tensor, spec: LossSpec, return_stats: bool):
 def _apply(spec: LossSpec, targets: torch.Tensor, *tensors):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return TokenWeightedLossFunction.apply(spec, targets, *tensors)
-    loss, stats, _, _, _ = _forward(spec, targets, tensors, needs=(False,) * len(tensors))
-    return loss, stats["ce"], stats["entropy"], stats["weight"], stats["lse"]
+    result = _forward(spec, targets, tensors, needs=(False,) * len(tensors))
+    stats = result.stats
+    return result.loss, stats["ce"], stats["entropy"], stats["log_weight"], stats["lse"]
 
 
 def token_weighted_loss(
@@ -116,41 +217,51 @@ def token_weighted_loss(
 ):
     """Token-weighted cross-entropy from logits, chunked; ``weighting`` in {"ce", "focal", "mile"}.
 
-    Equals ``mileloss.losses.reference.token_weighted_loss_reference`` (and ``official_loss`` with
-    ``normalize="paper"``) while allocating only the (N, V) gradient plus two fp32 (chunk, V) buffers.
+    The naive formulas (the float64 oracle of ``tests/reference.py``, and the official code's formula for
+    ``normalize="paper"``) without their (N, V) temporaries: only the (N, V) gradient plus two fp32
+    (chunk, V) buffers are allocated.
 
     Args:
-        logits: (..., V) unnormalised scores, fp32/bf16/fp16 (math in fp32 per chunk).
-        targets: (...) integer class ids in [0, V) or ``ignore_index``.
+        logits: (..., V) unnormalised scores, fp32/bf16/fp16/fp64 (math in fp32 per chunk, fp64 for fp64);
+            -inf entries are masked classes (see the module docstring).
+        targets: (...) class ids in [0, V) or ``ignore_index``, a tensor of any integer dtype (not bool,
+            not float, not a numpy array: ``NotATensorError``).
         weighting: "ce" (w = 1), "focal" (w = (1 - p_y)^gamma) or "mile" (w = (sigma + H)^gamma).
-        gamma, sigma: weight exponent and entropy offset, both >= 0 (sigma is unused by focal and ce).
-        reduction: "mean" (normalised as ``normalize`` says), "sum" (sum_i w_i CE_i, for external
-            normalisation across micro-batches), "none" (per-token w_i CE_i, 0 where ignored).
+        gamma, sigma: weight exponent in [0, 1000] and entropy offset in [0, 1e6] (sigma is unused by focal
+            and ce); the module docstring says why.
+        ignore_index: an int; targets equal to it are ignored.
+        reduction: "mean" (normalised as ``normalize`` says), "sum" (sum_i w_i CE_i exp(-c), for external
+            normalisation across micro-batches), "none" (per-token w_i CE_i exp(-c), 0 where ignored); c is
+            the fixed shift of the module docstring, 0 unless (sigma + ln V)^gamma > 2^32.
         normalize: "weighted" | "none" | "paper" (see the module docstring).
         detach_weight: if False the gradient also flows through w (exact; the loop runs again in backward).
         process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``) to all-reduce the normaliser
             over. For "weighted"/"none" means the returned loss is multiplied by the world size, so that
             DDP's gradient *averaging* gives exactly the gradient of one process on the concatenated batch;
             the mean of the ranks' losses is the global loss (Hugging Face's convention).
-        chunk_size: rows per chunk; default from the vocab size and device.
-        return_stats: also return a :class:`TokenStats` (per-token ce, entropy, weight, lse; local sums).
+        chunk_size: rows per chunk (an int >= 1, not a bool); default from the vocab size and device.
+        return_stats: also return a :class:`TokenStats` (per-token ce, entropy, weight, log-weight, lse;
+            local sums).
     Returns:
-        The loss (0-d, or shaped like ``targets`` for "none") in the logits' dtype, and the stats if asked.
-        An empty or all-ignored batch gives 0 with zero gradients. Non-finite logits give a NaN loss.
+        The loss (0-d, or shaped like ``targets`` for "none"), and the stats if asked. A mean comes back in
+        the logits' dtype; "sum" and "none" in float32 (float64 for float64 logits), also for 16-bit logits.
+        An empty or all-ignored batch gives 0 with zero gradients. +inf or NaN logits give NaN.
+        The loss supports one backward (twice with ``retain_graph=True``), like any PyTorch graph.
     Raises:
-        ShapeError, DTypeError, DeviceError, TargetRangeError, ParameterError (all ``ValueError``).
+        ShapeError, DTypeError (NotATensorError, also a TypeError), DeviceError, TargetRangeError,
+        ParameterError (all ``ValueError``).
     """
-    spec = LossSpec(weighting, float(gamma), float(sigma), ignore_index, reduction, normalize, detach_weight,
-                    process_group, chunk_size, return_stats)
-    _check_spec(spec)
+    spec = make_spec(weighting, gamma, sigma, ignore_index, reduction, normalize, detach_weight, process_group,
+                     chunk_size, return_stats)
     _check_float("logits", logits, 1)
+    _check_tensor("targets", targets)
     _check_devices(logits=logits, targets=targets)
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ShapeError(f"logits have an empty class dimension: shape {tuple(logits.shape)}")
-    _check_targets(targets, tuple(logits.shape[:-1]), vocab, ignore_index, "logits")
-    outputs = _apply(spec, targets.reshape(-1).long(), logits.reshape(-1, vocab))
-    return _finish(outputs, targets, spec, return_stats)
+    flat = _check_targets(targets, tuple(logits.shape[:-1]), vocab, spec.ignore_index, "logits")
+    outputs = _apply(spec, flat, logits.reshape(-1, vocab))
+    return _finish(outputs, flat.view(targets.shape), spec, vocab)
 
 
 def linear_token_weighted_loss(
@@ -180,36 +291,41 @@ def linear_token_weighted_loss(
         targets: (...) integer class ids, the leading shape of ``hidden``.   bias: optional (V,).
         Other arguments as in :func:`token_weighted_loss`.
     """
-    spec = LossSpec(weighting, float(gamma), float(sigma), ignore_index, reduction, normalize, detach_weight,
-                    process_group, chunk_size, return_stats)
-    _check_spec(spec)
+    spec = make_spec(weighting, gamma, sigma, ignore_index, reduction, normalize, detach_weight, process_group,
+                     chunk_size, return_stats)
     _check_float("hidden", hidden, 1)
     _check_float("weight", weight, 2)
+    _check_tensor("targets", targets)
+    if bias is not None:
+        _check_float("bias", bias, 1)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ShapeError(f"weight must be (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ShapeError(f"hidden has an empty feature dimension (D = 0): shape {tuple(hidden.shape)}; the "
+                         "logits would not depend on the inputs")
     if weight.dtype != hidden.dtype:
         raise DTypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
     if bias is not None:
-        _check_float("bias", bias, 1)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ShapeError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise DTypeError(f"bias ({bias.dtype}) must have the dtype of hidden ({hidden.dtype})")
     _check_devices(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    if weight.shape[0] == 0:
+    vocab = weight.shape[0]
+    if vocab == 0:
         raise ShapeError(f"weight has an empty vocabulary dimension: shape {tuple(weight.shape)}")
-    _check_targets(targets, tuple(hidden.shape[:-1]), weight.shape[0], ignore_index, "hidden")
-    outputs = _apply(spec, targets.reshape(-1).long(), hidden.reshape(-1, hidden.shape[-1]), weight, bias)
-    return _finish(outputs, targets, spec, return_stats)
+    flat = _check_targets(targets, tuple(hidden.shape[:-1]), vocab, spec.ignore_index, "hidden")
+    outputs = _apply(spec, flat, hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    return _finish(outputs, flat.view(targets.shape), spec, vocab)
 
 
 def mile_loss(logits, targets, *, gamma: float = 1.0, sigma: float = 1.0, **kwargs):
     """MiLe loss from logits: CE weighted by ``(sigma + H)^gamma``, H the detached predictive entropy.
 
-    ``loss = sum_i w_i CE_i / sum_i w_i`` over non-ignored tokens. Equals
-    ``mileloss.losses.reference.token_weighted_loss_reference(logits, targets, "mile")`` without its (N, V)
-    temporaries; ``normalize="paper"`` reproduces the official code. Other keywords: :func:`token_weighted_loss`.
+    ``loss = sum_i w_i CE_i / sum_i w_i`` over non-ignored tokens, w_i = (sigma + H_i)^gamma, computed from
+    logits (N, V) and targets (N,) (or (..., V) and (...)) without (N, V) temporaries;
+    ``normalize="paper"`` reproduces the official code. Other keywords: :func:`token_weighted_loss`.
 
     >>> loss = mile_loss(logits.view(-1, V), labels.view(-1))   # instead of F.cross_entropy(...)
     """

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from mileloss.losses.functional import linear_token_weighted_loss, token_weighted_loss
+from mileloss.losses.functional import linear_token_weighted_loss, make_spec, token_weighted_loss
 
 
 class TokenWeightedLoss(torch.nn.Module):
-    """``loss = module(logits, targets)``; options as in :func:`mileloss.token_weighted_loss`."""
+    """``loss = module(logits, targets)``; options as in :func:`mileloss.token_weighted_loss`, checked here
+    (a bad option raises ``ParameterError`` at construction, not at the first call)."""
 
     weighting = "mile"
 
@@ -19,6 +20,7 @@ class TokenWeightedLoss(torch.nn.Module):
         self.options = dict(weighting=self.weighting, gamma=gamma, sigma=sigma, ignore_index=ignore_index,
                             reduction=reduction, normalize=normalize, detach_weight=detach_weight,
                             process_group=process_group, chunk_size=chunk_size, return_stats=return_stats)
+        make_spec(**self.options)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor):
         return token_weighted_loss(logits, targets, **self.options)

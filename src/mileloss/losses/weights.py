@@ -1,4 +1,4 @@
-"""Per-token weightings of the one token-weighted cross-entropy engine.
+"""Per-token weightings of the one token-weighted cross-entropy engine, computed as log-weights.
 
 Every loss in mileloss is ``sum_i w_i * CE_i / normaliser`` with a per-token weight ``w_i`` that is a
 function of two detached per-row statistics of the predicted distribution ``p_i = softmax(z_i)``:
@@ -7,48 +7,97 @@ function of two detached per-row statistics of the predicted distribution ``p_i 
     focal    w_i = (1 - p_i[y_i]) ** gamma             (Lin et al. 2017; as the MiLe paper's baseline)
     mile     w_i = (sigma + H_i) ** gamma,  H_i = -sum_v p_iv log p_iv   (Su et al. 2024)
 
-Adding a weighting means adding one branch to :func:`token_weight` and, for ``detach_weight=False``,
-its derivative to :func:`weight_derivative`.
+The engine never forms ``w_i`` itself: it works with ``log w_i = gamma * log(base_i)`` and exponentiates
+``log w_i - shift`` for a shift that keeps every value in range (the batch's largest log-weight for a
+weighted mean, :func:`log_weight_shift` for the unnormalised outputs). ``(sigma + H)^gamma`` at gamma = 40
+and V = 32000 is ~1e42 (beyond float32) and ``(1 - p_y)^8`` of a confident prediction ~1e-72 (below it);
+their logs are ordinary numbers.
+
+Adding a weighting means adding one branch to :func:`log_token_weight` and, for ``detach_weight=False``,
+its log-derivative to :func:`log_weight_derivative`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 WEIGHTINGS = ("ce", "focal", "mile")
 
+# the unnormalised outputs ("sum", "none", normalize="none") keep every weight below 2^32
+_SUM_HEADROOM = 32 * math.log(2.0)
 
-def token_weight(
-    weighting: str, entropy: torch.Tensor, p_target: torch.Tensor, gamma: float, sigma: float
-) -> torch.Tensor:
-    """Weight ``w`` per row. ``entropy`` and ``p_target`` are (N,) float tensors (entropy may be unused)."""
-    if weighting == "ce":
-        return torch.ones_like(p_target)
+
+def _base(weighting: str, entropy: torch.Tensor, ce: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The quantity raised to gamma: ``sigma + H`` (mile) or ``1 - p_y = -expm1(-CE)`` (focal), per row.
+
+    ``-expm1(-CE)`` keeps ``1 - p_y`` exact for a confident prediction (CE ~ 1e-9), where ``1 - exp(-CE)``
+    would round to 0."""
     if weighting == "focal":
-        return (1.0 - p_target).clamp_min(0.0).pow(gamma)
+        return -torch.expm1(-ce)
     if weighting == "mile":
-        return (sigma + entropy).pow(gamma)
+        return entropy + sigma
     raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
 
 
-def weight_derivative(
-    weighting: str, entropy: torch.Tensor, p_target: torch.Tensor, gamma: float, sigma: float
+def log_token_weight(
+    weighting: str, entropy: torch.Tensor, ce: torch.Tensor, gamma: float, sigma: float
 ) -> torch.Tensor:
-    """Derivative of the weight w.r.t. its statistic, per row (N,).
+    """``log w`` per row, (N,) in the dtype of ``entropy``/``ce`` (both (N,), detached statistics).
 
-    mile:  dw/dH   = gamma * (sigma + H) ** (gamma - 1)
-    focal: dw/dp_t = -gamma * (1 - p_t) ** (gamma - 1)
-    ce:    0
-    Where the power is singular (base 0 with gamma < 1) the derivative is taken as 0.
+        ce:    0
+        focal: gamma * log(1 - p_y),  1 - p_y = -expm1(-CE)
+        mile:  gamma * log(sigma + H)
+
+    ``xlogy`` makes gamma = 0 give log w = 0 (w = 1, also where the base is 0) and a zero base with
+    gamma > 0 give -inf (w = 0). A NaN statistic (non-finite logits) gives NaN.
+    """
+    if weighting == "ce":
+        return torch.zeros_like(ce)
+    return torch.xlogy(gamma, _base(weighting, entropy, ce, sigma))
+
+
+def token_weight(weighting: str, entropy: torch.Tensor, ce: torch.Tensor, gamma: float, sigma: float) -> torch.Tensor:
+    """``w = exp(log w)`` per row; overflows to inf where the weight exceeds the dtype (use the log form)."""
+    return log_token_weight(weighting, entropy, ce, gamma, sigma).exp()
+
+
+def log_weight_derivative(
+    weighting: str, entropy: torch.Tensor, ce: torch.Tensor, gamma: float, sigma: float
+) -> torch.Tensor:
+    """Derivative of ``log w`` w.r.t. the weight's statistic, per row (N,):
+
+        mile:  d log w / dH   =  gamma / (sigma + H)
+        focal: d log w / dp_y = -gamma / (1 - p_y)
+        ce:    0
+
+    so that ``dw/dstat = w * dlogw``. Where the base is 0 (then w = 0 for gamma > 0, and the statistic is
+    at an extremum where its own derivative vanishes) the value is taken as 0.
     """
     if weighting == "ce" or gamma == 0.0:
-        return torch.zeros_like(p_target)
+        return torch.zeros_like(ce)
+    base = _base(weighting, entropy, ce, sigma)
+    derivative = gamma / base
     if weighting == "focal":
-        base = (1.0 - p_target).clamp_min(0.0)
-        derivative = -gamma * base.pow(gamma - 1.0)
-    elif weighting == "mile":
-        base = sigma + entropy
-        derivative = gamma * base.pow(gamma - 1.0)
-    else:
-        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+        derivative = -derivative
     return torch.where(base > 0, derivative, torch.zeros_like(derivative))
+
+
+def log_weight_shift(weighting: str, gamma: float, sigma: float, vocab: int) -> float:
+    """The fixed shift ``c`` of the unnormalised outputs: they carry ``w_i * exp(-c)`` instead of ``w_i``.
+
+        mile:       c = max(0, gamma * ln(sigma + ln V) - 32 ln 2)
+        focal, ce:  c = 0
+
+    ``(sigma + ln V)^gamma`` is the largest weight MiLe can give (H <= ln V), so every shifted weight is at
+    most 2^32 (and ``c = 0``, the plain sum, whenever the largest possible weight is below 2^32, e.g.
+    gamma <= 9 at V = 32000, sigma = 1). Focal and CE weights are at most 1. ``c`` depends only on the
+    options and V, not on the data, so micro-batches and ranks of one step share it and their sums add up.
+    """
+    if weighting != "mile" or gamma == 0.0:
+        return 0.0
+    base = sigma + math.log(vocab) if vocab > 0 else sigma
+    if base <= 0.0:
+        return 0.0
+    return max(0.0, gamma * math.log(base) - _SUM_HEADROOM)
