@@ -20,9 +20,9 @@ Which ``DIR`` may be used:
 
 * absent or empty: written;
 * a data directory written by ``mileloss data`` (a version 2 manifest, and nothing in the folder but
-  ``manifest.json`` and the files the manifest lists, at their recorded sizes, no links): refused
-  unless ``overwrite``; with ``overwrite`` replaced, and the old one's files removed one by one
-  (only those the manifest lists);
+  ``manifest.json`` and the files the manifest lists: shards named ``split_NNNNN.bin`` of the recorded
+  size, other files of the recorded sha256; no links): refused unless ``overwrite``; with
+  ``overwrite`` replaced, and the old one's files removed one by one (only those the manifest lists);
 * anything else (a file, a folder with other files, a version 1 data directory, the current folder or
   one above it, the root): refused, nothing touched.
 """
@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 from mileloss.data.errors import DataError, OutputDirBusyError, OutputDirError
-from mileloss.data.shards import MANIFEST_FILE, PARTIAL_MARKER, ShardManifest, read_manifest
+from mileloss.data.shards import MANIFEST_FILE, PARTIAL_MARKER, ShardManifest, file_sha256, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +223,16 @@ def _marker_record(path: Path) -> dict | None:
 # What is ours
 
 
+_SHARD_FILE = re.compile(r"[a-z]+_\d{5}\.bin")
+
+
 def owned_data_dir(folder: Path) -> tuple[ShardManifest | None, str]:
     """``(manifest, "")`` if ``folder`` is a data directory written by ``mileloss data``, else ``(None, why)``.
 
     Ours means: a version 2 manifest that parses, and every entry below ``folder`` is
-    ``manifest.json``, a folder on the way to a listed file, or a listed file (shard, token counts,
-    tokenizer file) of the recorded size; no symbolic links. Nothing is hashed: this is a stat per file.
+    ``manifest.json``, a folder on the way to a listed file, or a listed file: a shard named like ours
+    (``split_NNNNN.bin``) of the recorded size, or another file (token counts, tokenizer files, all
+    small) of the recorded sha256. No symbolic links. Shards are not hashed (that would read the corpus).
     """
     try:
         manifest = read_manifest(folder)
@@ -237,11 +241,12 @@ def owned_data_dir(folder: Path) -> tuple[ShardManifest | None, str]:
     if manifest.version < 2:
         return None, f"{folder / MANIFEST_FILE} is a version 1 manifest, which does not list every file it owns"
     itemsize = manifest.dtype.itemsize
-    sizes = {shard.file: shard.num_tokens * itemsize for split in manifest.splits.values() for shard in split.shards}
-    sizes.update({info.file: info.bytes for info in manifest.files})
-    folders = _folders_of(sizes)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
+    shards = {shard.file: shard.num_tokens * itemsize for split in manifest.splits.values() for shard in split.shards}
+    files = {info.file: info for info in manifest.files}
+    folders = _folders_of([*shards, *files])
+    where = folder / MANIFEST_FILE
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
             path = Path(root) / name
             relative = path.relative_to(folder).as_posix()
             info = os.lstat(path)
@@ -249,13 +254,19 @@ def owned_data_dir(folder: Path) -> tuple[ShardManifest | None, str]:
                 return None, f"{path} is a symbolic link, which mileloss does not write"
             if stat.S_ISDIR(info.st_mode):
                 if relative not in folders:
-                    return None, f"{path} is a folder that {folder / MANIFEST_FILE} does not list"
-            elif relative == MANIFEST_FILE and root == str(folder):
+                    return None, f"{path} is a folder that {where} does not list"
+            elif relative == MANIFEST_FILE:
                 continue
-            elif relative not in sizes:
-                return None, f"{path} is not one of the files {folder / MANIFEST_FILE} lists"
-            elif not stat.S_ISREG(info.st_mode) or info.st_size != sizes[relative]:
-                return None, f"{path} is not the {sizes[relative]}-byte file {folder / MANIFEST_FILE} lists"
+            elif not stat.S_ISREG(info.st_mode):
+                return None, f"{path} is not a regular file"
+            elif relative in shards:
+                if not _SHARD_FILE.fullmatch(relative) or info.st_size != shards[relative]:
+                    return None, f"{path} is not a shard of {shards[relative]} bytes as {where} lists"
+            elif relative in files:
+                if info.st_size != files[relative].bytes or file_sha256(path) != files[relative].sha256:
+                    return None, f"{path} differs from the file {where} lists (size or sha256)"
+            else:
+                return None, f"{path} is not one of the files {where} lists"
     return manifest, ""
 
 

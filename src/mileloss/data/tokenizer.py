@@ -84,7 +84,8 @@ def load_tokenizer(path: str | Path):
     try:  # a local folder only, and never code from it (auto_map classes need trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises many kinds on a malformed folder; name the folder
-        raise TokenizerError(f"cannot load a tokenizer from {path}: {type(error).__name__}: {error}") from error
+        reason = " ".join(str(error).split())[:300]  # one line: transformers' messages span several
+        raise TokenizerError(f"cannot load a tokenizer from {path}: {type(error).__name__}: {reason}") from error
     if tokenizer.eos_token_id is None:
         raise TokenizerError(f"tokenizer at {path} has no eos token; documents are separated by eos")
     return tokenizer
