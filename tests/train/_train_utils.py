@@ -99,8 +99,11 @@ train(load_config(None, sys.argv[2:]), resume=plan.get("resume", False), hooks=h
 '''
 
 
-def run_and_kill_at(tmp_path: Path, args: list[str], timeout: float = 240.0, **plan) -> None:
-    """Run the pausing trainer with ``plan``; SIGKILL it once it pauses (fail if it ends or never gets there)."""
+def run_and_kill_at(tmp_path: Path, args: list[str], timeout: float = 240.0, while_paused=None, **plan) -> None:
+    """Run the pausing trainer with ``plan``; SIGKILL it once it pauses (fail if it ends or never gets there).
+
+    ``while_paused(pid)``, if given, runs while the trainer is paused (holding its run folder), before the kill.
+    """
     import json
     import signal
     import time
@@ -121,9 +124,11 @@ def run_and_kill_at(tmp_path: Path, args: list[str], timeout: float = 240.0, **p
             if time.monotonic() > deadline:
                 raise AssertionError(f"pause point {plan} not reached in {timeout}s")
             time.sleep(0.05)
+        if while_paused is not None:
+            while_paused(process.pid)
         process.send_signal(signal.SIGKILL)
     finally:
-        if process.poll() is None and not ready.exists():
+        if process.poll() is None:  # a failed check above: do not leave the trainer behind
             process.kill()
         process.wait(timeout=60)
         process.stderr.close()

@@ -195,14 +195,13 @@ def _resume(run: PreparedRun, model, optimizer, scheduler, loader, context) -> t
         raise NoCheckpointError(f"--resume: rank {context.rank} finds no complete checkpoint in {run.checkpoint_dir}")
     state = load_checkpoint(path, map_location=run.device)
     check_training_state(state, path)
+    if state.get("data") != data_fingerprint(run.manifest):
+        raise ResumeMismatchError(f"cannot resume from {path}: data.dir {run.config.data.dir} holds other data than "
+                                  f"the run was trained on (the shards' checksums differ)")
     check_resume_compatible(state["config"], run.config, path)
     if state["world_size"] != context.world_size:
         raise ResumeMismatchError(f"cannot resume from {path}: written by {state['world_size']} processes, "
                                   f"now {context.world_size} (the global batch would change)")
-    fingerprint = data_fingerprint(run.manifest)
-    if state.get("data") != fingerprint:
-        raise ResumeMismatchError(f"cannot resume from {path}: data.dir {run.config.data.dir} holds other data than "
-                                  f"the run was trained on (the shards' checksums differ)")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

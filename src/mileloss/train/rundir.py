@@ -325,7 +325,8 @@ def _prepare_contents(run_dir: Path, resume: bool, overwrite: bool) -> None:
         directory = run_dir / CHECKPOINT_DIR
         if not checkpoint_steps(directory):
             incomplete = incomplete_steps(directory)
-            found = f" (only incomplete ones without a checksum record: steps {incomplete})" if incomplete else ""
+            found = (f" (step_*.pt of steps {incomplete} have no checksum record: incomplete, or written by an "
+                     f"older mileloss)") if incomplete else ""
             what = "start a fresh run without --resume" + (" and with --overwrite" if entries else "")
             raise NoCheckpointError(f"--resume: no complete checkpoint in {directory}{found}; {what}")
         return
@@ -360,6 +361,8 @@ def claim_run_folder(run_dir: Path, context, device: torch.device, resume: bool,
     """
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other: choose one")
+    if resume and not run_dir.is_dir():
+        raise NoCheckpointError(f"--resume: run.out {run_dir} does not exist; start a fresh run without --resume")
     lock, failure = None, None
     if context.is_main:
         try:
