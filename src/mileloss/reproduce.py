@@ -8,15 +8,22 @@ Stages: prepare the corpus (tokenizer + shards), train one run per (loss, seed) 
 order and token budget, evaluate each (frequency-bucket perplexity + offline benchmarks), write the report.
 Every stage is skipped when its output is already there, so an interrupted reproduce continues where it
 stopped (a half-trained run resumes from its last checkpoint).
+
+``--out`` must be a new or empty folder, or one an earlier reproduce wrote (``reproduce.json``, written when it
+starts, says so); anything else is refused before any work. A stage that fails with a named mileloss error stops
+the command with one line naming the stage; Ctrl-C stops it with exit status 130, ready to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,6 +31,39 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 LOSSES = ("ce", "focal", "mile")
+COMMAND = "mileloss reproduce"
+SUMMARY = "reproduce.json"
+FOLDERS = ("data", "runs", "report")
+"""What reproduce writes under ``--out``, besides :data:`SUMMARY`."""
+
+
+class StageError(ValueError):
+    """A stage (data, train, eval, report) failed; the message names the stage, ``__cause__`` is the error."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"{stage}: {error}")
+        self.stage = stage
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Re-raise a stage's named error (a ValueError), missing package (ImportError) or I/O error as a StageError."""
+    try:
+        yield
+    except (ValueError, ImportError, OSError) as error:
+        raise StageError(name, error) from error
+
+
+def _owns(entry: Path) -> bool:
+    """True for what an earlier reproduce wrote: its summary (or the summary's temp file) and its three folders."""
+    from mileloss.eval.outputs import is_temp_of, read_json_object
+
+    if entry.name == SUMMARY:
+        content = read_json_object(entry)
+        return content is not None and (content.get("written_by") == COMMAND or {"budget", "runs"} <= content.keys())
+    if is_temp_of(entry, {SUMMARY}):
+        return entry.is_file()
+    return entry.name in FOLDERS and entry.is_dir() and not entry.is_symlink()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +144,8 @@ def reproduce(
     """
     from mileloss.data import load_manifest, prepare_corpus
     from mileloss.eval import evaluate
+    from mileloss.eval.lm_eval_bridge import parse_task_list
+    from mileloss.eval.outputs import check_output_folder, create_output_folder, write_atomic
     from mileloss.report import write_report
     from mileloss.train import load_config, train
 
@@ -112,48 +154,68 @@ def reproduce(
     unknown = sorted(set(losses) - set(LOSSES))
     if unknown:
         raise ValueError(f"--losses: unknown loss {unknown[0]!r}; choose from {LOSSES}")
+    if not losses or len(set(losses)) != len(losses):
+        raise ValueError(f"--losses: give each of {LOSSES} at most once, at least one, got {list(losses)}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: give distinct seeds, at least one, got {list(seeds)}")
+    for flag, value in (("--limit", task_limit), ("--max-steps", max_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+    if tasks is not None:
+        tasks = tuple(parse_task_list(list(tasks)))  # UnknownTaskError now, not after hours of training
+    corpus_name = Path(corpus).name or Path(corpus).resolve().name
+    if not corpus_name:
+        raise ValueError(f"--corpus {corpus!r}: name a corpus (shakespeare, kjv, austen) or a file or folder")
     plan = BUDGETS[budget]
     plan = dataclasses.replace(plan, **{k: v for k, v in dict(
         tasks=tasks, task_limit=task_limit, max_steps=max_steps).items() if v is not None})
     out = Path(out)
-    data_dir = out / "data" / Path(corpus).name
-    runs = [(loss, seed, out / "runs" / run_name(corpus, loss, seed)) for seed in seeds for loss in losses]
+    check_output_folder(out, COMMAND, _owns)
+    create_output_folder(out)
+    data_dir = out / "data" / corpus_name
+    runs = [(loss, seed, out / "runs" / run_name(corpus_name, loss, seed)) for seed in seeds for loss in losses]
+    summary = dict(written_by=COMMAND, complete=False, budget=dataclasses.asdict(plan), corpus=corpus,
+                   seeds=list(seeds), losses=list(losses), runs=[str(r) for _, _, r in runs])
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")  # marks the folder as ours from the start
     stages = tqdm(total=1 + 2 * len(runs) + 1, desc="reproduce", unit="stage", position=0)
     started = time.time()
 
     stages.set_postfix_str(f"data {corpus}")
-    if _data_ready(data_dir, plan.vocab_size, load_manifest):
-        log.info("data: %s already prepared", data_dir)
-    else:
-        prepare_corpus([corpus], data_dir, vocab_size=plan.vocab_size, seed=0, cache_dir=cache_dir)
+    with _stage(f"data {corpus}"):
+        if _data_ready(data_dir, plan.vocab_size, load_manifest):
+            log.info("data: %s already prepared", data_dir)
+        else:
+            prepare_corpus([corpus], data_dir, vocab_size=plan.vocab_size, seed=0, cache_dir=cache_dir)
     stages.update()
 
     for loss, seed, run_dir in runs:
         stages.set_postfix_str(f"train {run_dir.name}")
-        if (run_dir / "final" / "mileloss_run.json").exists():
-            log.info("train: %s already finished", run_dir)
-        else:
-            config = load_config(None, train_overrides(plan, data_dir, run_dir, loss, seed, device))
-            train(config, resume=(run_dir / "checkpoints").exists())
+        with _stage(f"train {run_dir}"):
+            if (run_dir / "final" / "mileloss_run.json").exists():
+                log.info("train: %s already finished", run_dir)
+            else:
+                config = load_config(None, train_overrides(plan, data_dir, run_dir, loss, seed, device))
+                train(config, resume=(run_dir / "checkpoints").exists())
         stages.update()
 
     for _, _, run_dir in runs:
         stages.set_postfix_str(f"eval {run_dir.name}")
-        if (run_dir / "eval" / "perplexity.json").exists() and (
-                not plan.tasks or (run_dir / "eval" / "lm_eval.json").exists()):
-            log.info("eval: %s already evaluated", run_dir)
-        else:
-            evaluate(run_dir, data_dir, max_tokens=plan.ppl_max_tokens, tasks=list(plan.tasks) or "none",
-                     limit=plan.task_limit, num_fewshot=plan.num_fewshot, device=device, cache_dir=cache_dir)
+        with _stage(f"eval {run_dir}"):
+            if (run_dir / "eval" / "perplexity.json").exists() and (
+                    not plan.tasks or (run_dir / "eval" / "lm_eval.json").exists()):
+                log.info("eval: %s already evaluated", run_dir)
+            else:
+                evaluate(run_dir, data_dir, max_tokens=plan.ppl_max_tokens, tasks=list(plan.tasks) or "none",
+                         limit=plan.task_limit, num_fewshot=plan.num_fewshot, device=device, cache_dir=cache_dir)
         stages.update()
 
     stages.set_postfix_str("report")
-    report = write_report([run_dir for _, _, run_dir in runs], out / "report")
+    with _stage("report"):
+        report = write_report([run_dir for _, _, run_dir in runs], out / "report")
     stages.update()
     stages.close()
-    summary = dict(budget=dataclasses.asdict(plan), corpus=corpus, seeds=list(seeds), losses=list(losses),
-                   runs=[str(r) for _, _, r in runs], report=str(report), seconds=round(time.time() - started, 1))
-    (out / "reproduce.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary.update(complete=True, report=str(report), seconds=round(time.time() - started, 1))
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return report
 
 
@@ -190,8 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     tasks = None
     if args.tasks is not None:
         tasks = () if args.tasks == "none" else tuple(t for t in args.tasks.split(",") if t)
-    report = reproduce(args.out or f"reports/{args.budget}", budget=args.budget, corpus=args.corpus,
+    try:
+        report = reproduce(args.out or f"reports/{args.budget}", budget=args.budget, corpus=args.corpus,
                            seeds=seeds, losses=tuple(args.losses.split(",")), tasks=tasks, task_limit=args.limit,
                            max_steps=args.max_steps, device=args.device, cache_dir=args.cache_dir)
+    except (ValueError, ImportError, OSError) as error:  # StageError, OutputFolderError and the named errors
+        print(f"{COMMAND}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{COMMAND}: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
+        return 130
     print(f"report: {report} (Markdown beside it: {report.with_suffix('.md')})")
     return 0

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 from mileloss.eval.errors import CheckpointError, EvalArgumentError, EvalDataError, TokenizerMismatchError
@@ -255,9 +256,10 @@ def check_pickled_weights(checkpoint: Checkpoint) -> None:
                     raise
                 torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"{path}: refused to load pickled weights that are not plain tensors (torch.load "
-                                  f"weights_only=True: {first_line}); use a safetensors checkpoint") from error
+            found = re.search(r"(?i)unsupported (?:global: )?GLOBAL [\w.]+", str(error))  # what the pickle would call
+            reason = found.group(0) if found else type(error).__name__
+            raise CheckpointError(f"{path}: refused to load pickled weights that are not plain tensors "
+                                  f"(torch.load weights_only=True: {reason}); use a safetensors checkpoint") from error
 
 
 def load_model(checkpoint: Checkpoint, *, device: str = "cpu", dtype: str = "float32"):

@@ -41,7 +41,7 @@ def check_output_folder(path: str | Path, command: str, owns: Callable[[Path], b
         OutputFolderError: ``path`` (or a parent) is a file, is not writable, or holds entries ``owns`` rejects.
     """
     path = Path(path)
-    where = f"{command}: {flag} {path}"
+    where = f"{flag} {path}"
     if path.exists() and not path.is_dir():
         raise OutputFolderError(f"{where} is a file, not a folder; give a folder path")
     if path.is_dir():
@@ -65,7 +65,7 @@ def check_output_folder(path: str | Path, command: str, owns: Callable[[Path], b
     return path
 
 
-def create_output_folder(path: str | Path, command: str, flag: str = "--out") -> Path:
+def create_output_folder(path: str | Path, flag: str = "--out") -> Path:
     """Create ``path`` (and its parents) and prove it writable with a probe file that is removed at once.
 
     Raises:
@@ -77,7 +77,7 @@ def create_output_folder(path: str | Path, command: str, flag: str = "--out") ->
         with tempfile.TemporaryFile(dir=path, prefix=".mileloss-probe-"):
             pass
     except OSError as error:
-        raise OutputFolderError(f"{command}: {flag} {path} cannot be written ({error.strerror or error})") from error
+        raise OutputFolderError(f"{flag} {path} cannot be written ({error.strerror or error})") from error
     return path
 
 

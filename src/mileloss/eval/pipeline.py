@@ -9,15 +9,17 @@ Writes ``OUT/perplexity.json`` and (unless ``tasks`` is empty) ``OUT/lm_eval.jso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mileloss.eval.buckets import DEFAULT_CUT_POINTS, frequency_buckets, parse_cut_points
 from mileloss.eval.checkpoint import (
     Checkpoint,
+    LossSettings,
     check_tokenizer_matches,
     load_model,
     resolve_checkpoint,
@@ -84,8 +86,8 @@ def _check_out(out: Path, flag: str, checkpoint: Checkpoint) -> None:
         content = read_json_object(out / name) or {}
         other = content.get("checkpoint_path")
         if isinstance(other, str) and other != mine:
-            raise OutputFolderError(f"{COMMAND}: {flag} {out} holds the evaluation of {other}, not of {mine}; "
-                                    f"give another folder, nothing there is overwritten")
+            raise OutputFolderError(f"{flag} {out} holds the evaluation of {other}, not of {mine}; give another "
+                                    f"folder, nothing there is overwritten")
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -140,8 +142,6 @@ def evaluate(
         BenchmarkFileError, UnknownTaskError, OutputFolderError: with the folder, file or flag at fault in the
         message. Every argument and the output folder are checked before the model is loaded.
     """
-    from mileloss.data import load_manifest, read_split
-
     cut_points = parse_cut_points(buckets)
     task_names = parse_task_list(tasks)
     max_tokens = _count(max_tokens, "--max-tokens", 1)
@@ -157,6 +157,34 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else checkpoint.default_out_dir
     flag = "--out" if out_dir is not None else "output folder"
     _check_out(out, flag, checkpoint)
+    with _new_folder_removed_on_failure(out, flag):
+        return _evaluate(checkpoint, loss, data_dir, out, cut_points, task_names, max_tokens=max_tokens,
+                         num_fewshot=num_fewshot, limit=limit, seq_len=seq_len, batch_size=batch_size, device=device,
+                         dtype=dtype, cache_dir=cache_dir, benchmark_root=benchmark_root)
+
+
+@contextlib.contextmanager
+def _new_folder_removed_on_failure(out: Path, flag: str) -> Iterator[None]:
+    """Create ``out`` now (an unwritable folder fails before the evaluation, not after it); if the body fails,
+    remove it again when this call created it and it is still empty."""
+    created = not out.exists()
+    create_output_folder(out, flag=flag)
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only ever succeeds on an empty folder
+        raise
+
+
+def _evaluate(checkpoint: Checkpoint, loss: LossSettings, data_dir: str | Path | None, out: Path,
+              cut_points: tuple[float, ...], task_names: list[str], **options) -> dict:
+    """:func:`evaluate` once its arguments and output folder are checked (``options``: its keyword arguments)."""
+    from mileloss.data import load_manifest, read_split
+
+    max_tokens, seq_len, batch_size, device, dtype = (options[key] for key in (
+        "max_tokens", "seq_len", "batch_size", "device", "dtype"))
     if data_dir is None:
         data_dir = checkpoint.run_info.get("data_dir")
         if not isinstance(data_dir, str) or not data_dir:
@@ -202,16 +230,15 @@ def evaluate(
         "loss_weight": loss.to_dict(),
         "elapsed_seconds": round(time.perf_counter() - started, 2),
     }
-    create_output_folder(out, COMMAND, flag=flag)
     _write_json(out / "perplexity.json", result)
     logger.info("wrote %s", out / "perplexity.json")
 
     lm_eval_result = None
     if task_names:
         started = time.perf_counter()
-        lm_eval_result = run_lm_eval(checkpoint.path, task_names, num_fewshot=num_fewshot, limit=limit,
-                                     batch_size=batch_size, device=device, dtype=dtype, cache_dir=cache_dir,
-                                     root=benchmark_root)
+        lm_eval_result = run_lm_eval(checkpoint.path, task_names, num_fewshot=options["num_fewshot"],
+                                     limit=options["limit"], batch_size=batch_size, device=device, dtype=dtype,
+                                     cache_dir=options["cache_dir"], root=options["benchmark_root"])
         lm_eval_result = {"checkpoint": str(checkpoint.path), "checkpoint_path": str(checkpoint.path.resolve()),
                           **lm_eval_result, "elapsed_seconds": round(time.perf_counter() - started, 2)}
         _write_json(out / "lm_eval.json", lm_eval_result)

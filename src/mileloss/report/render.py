@@ -139,8 +139,8 @@ def _locked(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputFolderError(f"{COMMAND}: another mileloss report is writing into {out}; wait for it or "
-                                    f"choose another --out") from None
+            raise OutputFolderError(f"another mileloss report is writing into {out}; wait for it or choose "
+                                    f"another --out") from None
         yield
     finally:
         os.close(handle)
@@ -184,7 +184,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_m
     groups = group_runs(runs)
     table, metrics = comparison_table(groups)
     summary = verdict(groups, metrics)
-    create_output_folder(out, COMMAND)
+    create_output_folder(out)
     with _locked(out):
         previous = _check_out(out)  # again under the lock: the folder may have changed meanwhile
         marker = {"written_by": COMMAND, "runs": [str(run.path) for run in runs]}
