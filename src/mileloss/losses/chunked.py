@@ -55,6 +55,14 @@ class LossSpec:
         return self.weighting == "mile" or self.return_stats
 
     @property
+    def exact_tail(self) -> bool:
+        """Whether the weight reads the tail of a confident row: 1 - p_y (focal) or a small H next to a small
+        sigma (MiLe, sigma < 1). Then sum_{v != argmax} e_v is summed without the 1 of the maximum (one more
+        pass), so CE and H of a row with 1 - p_max ~ 1e-7 keep float32 *relative* precision instead of the
+        ~1e-7 absolute error of log(1 + tail) rounded as 1 + tail (which is what F.cross_entropy has)."""
+        return self.gamma != 0.0 and (self.weighting == "focal" or (self.weighting == "mile" and self.sigma < 1.0))
+
+    @property
     def single_pass(self) -> bool:
         """Gradient built in forward: possible when the normaliser is a constant for autograd."""
         return self.detach_weight and self.reduction != "none"
@@ -217,11 +225,20 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
         -inf), entropy, log_weight (-inf where ignored), log_weight_all (the weight of every position, ignored
         ones included, as the official code counts them in paper mode), lse, log_d, d, p_target.
     """
-    rowmax = z.amax(dim=1, keepdim=True)  # NaN if any logit is NaN
+    if spec.exact_tail:
+        rowmax, top = z.max(dim=1, keepdim=True)  # NaN if any logit is NaN
+    else:
+        rowmax = z.amax(dim=1, keepdim=True)
     z.sub_(rowmax)  # a -inf logit stays -inf; a +inf (or all -inf) maximum makes the whole row NaN
     torch.exp(z, out=e)
-    d = e.sum(dim=1)  # >= 1: the maximum contributes exactly 1
-    log_d = d.log()
+    if spec.exact_tail:
+        e.scatter_(1, top, 0.0)
+        tail = e.sum(dim=1) + (rowmax.view(-1) - rowmax.view(-1))  # + NaN where the maximum is +inf
+        e.scatter_(1, top, 1.0)
+        d, log_d = tail + 1.0, torch.log1p(tail)
+    else:
+        d = e.sum(dim=1)  # >= 1: the maximum contributes exactly 1
+        log_d = d.log()
     ce = log_d - z.gather(1, targets[:, None]).squeeze(1)
     ce = torch.where(valid, ce, torch.zeros_like(ce))
     entropy = torch.zeros_like(d)
