@@ -842,3 +842,60 @@ def test_shard_names_in_a_crafted_manifest_cannot_be_unlinked_by_overwrite(tmp_p
     assert run_cli("--corpus", corpus, "--out", out, "--overwrite") == 2
     assert "not a plain file name" in one_line_error(capsys)
     assert victim.read_bytes() == b"\0" * 8 and (out / shard_name("train", 0)).exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs and a full disk
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_corpus_file_that_is_not_a_regular_file_is_refused_instead_of_read_forever(tmp_path, capsys, kind):
+    if kind == "device":
+        source = Path("/dev/zero")
+    else:
+        source = tmp_path / "pipe.txt"
+        os.mkfifo(source)
+    assert run_cli("--corpus", source, "--out", tmp_path / "data") == 2
+    assert "not a regular file" in one_line_error(capsys)
+    assert not (tmp_path / "data").exists() and leftovers(tmp_path, "data") == []
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--val-fraction", "nan"], "val_fraction must be in"),
+        (["--val-fraction", "1"], "val_fraction must be in"),
+        (["--max-shard-tokens", "0"], "max_shard_tokens must be"),
+    ],
+)
+def test_bad_arguments_fail_at_once_without_touching_out(tmp_path, corpus, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(prepare, "Corpus", lambda *a, **k: pytest.fail("the corpus was read"))
+    assert run_cli("--corpus", corpus, "--out", tmp_path / "data", *flags) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "data").exists() and leftovers(tmp_path, "data") == []
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_the_old_data(tmp_path, corpus, capsys, monkeypatch):
+    out = tmp_path / "data"
+    prepare_corpus([corpus], out, vocab_size=VOCAB, progress=False)
+    before = snapshot(out)
+
+    def full(self, tokens):
+        raise OSError(28, "No space left on device", str(self.directory / "train_00000.bin"))
+
+    monkeypatch.setattr(writer._ShardWriter, "write", full)
+    assert run_cli("--corpus", corpus, "--out", out, "--overwrite") == 2
+    assert "No space left on device" in one_line_error(capsys)
+    assert snapshot(out) == before and leftovers(tmp_path, "data") == []
+
+
+def test_token_counts_holding_a_pickle_are_refused_without_unpickling(tmp_path, corpus):
+    manifest = prepare_corpus([corpus], tmp_path / "data", vocab_size=VOCAB, progress=False)
+    counts_path = manifest.path / TOKEN_COUNTS_FILE
+    np.save(counts_path, np.array([object()] * VOCAB, dtype=object), allow_pickle=True)
+    data = json.loads(manifest.manifest_path.read_text())
+    entry = next(e for e in data["files"] if e["file"] == TOKEN_COUNTS_FILE)
+    entry.update(bytes=counts_path.stat().st_size, sha256=hashlib.sha256(counts_path.read_bytes()).hexdigest())
+    manifest.manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="not a readable .npy array"):
+        load_manifest(manifest.path).token_counts()

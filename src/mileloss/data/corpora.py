@@ -150,6 +150,8 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
 
 
 def _read_file(path: Path, text_field: str) -> Iterator[Document]:
+    if not path.is_file():  # a device (/dev/zero never ends), a FIFO (blocks), a socket: not a corpus file
+        raise CorpusFormatError(f"{path}: not a regular file")
     if path.suffix == ".jsonl":
         yield from _read_jsonl(path, text_field)
     else:

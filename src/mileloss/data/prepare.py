@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mileloss.data.corpora import Corpus
+from mileloss.data.errors import TokenizerError
 from mileloss.data.outdir import (
     OutputLock,
     check_out,
@@ -37,7 +38,13 @@ from mileloss.data.shards import (
     dtype_for_vocab,
     load_manifest,
 )
-from mileloss.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_vocab_size, train_tokenizer
+from mileloss.data.tokenizer import (
+    NUM_BYTES,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_vocab_size,
+    train_tokenizer,
+)
 from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS, write_shards
 
 logger = logging.getLogger(__name__)
@@ -85,6 +92,12 @@ def prepare_corpus(
         CorpusNotFoundError, EmptyCorpusError, CorpusFormatError, CorpusFetchError, TokenizerError.
     """
     started = time.perf_counter()
+    if not 0.0 <= val_fraction < 1.0:  # checked here too, so a typo fails before an hour of tokenizing
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_shard_tokens < 1:
+        raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
+    if tokenizer is None and vocab_size < NUM_BYTES + 1:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: byte-level BPE needs >= {NUM_BYTES + 1}")
     out_dir = resolve_out(out_dir)
     with OutputLock(out_dir):
         clean_leftovers(out_dir)
