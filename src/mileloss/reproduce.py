@@ -148,6 +148,7 @@ def reproduce(
     from mileloss.eval.outputs import check_output_folder, create_output_folder, write_atomic
     from mileloss.report import write_report
     from mileloss.train import load_config, train
+    from mileloss.train.checkpoint import checkpoint_steps
 
     if budget not in BUDGETS:
         raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {budget!r}")
@@ -177,43 +178,46 @@ def reproduce(
     summary = dict(written_by=COMMAND, complete=False, budget=dataclasses.asdict(plan), corpus=corpus,
                    seeds=list(seeds), losses=list(losses), runs=[str(r) for _, _, r in runs])
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")  # marks the folder as ours from the start
-    stages = tqdm(total=1 + 2 * len(runs) + 1, desc="reproduce", unit="stage", position=0)
     started = time.time()
-
-    stages.set_postfix_str(f"data {corpus}")
-    with _stage(f"data {corpus}"):
-        if _data_ready(data_dir, plan.vocab_size, load_manifest):
-            log.info("data: %s already prepared", data_dir)
-        else:
-            prepare_corpus([corpus], data_dir, vocab_size=plan.vocab_size, seed=0, cache_dir=cache_dir)
-    stages.update()
-
-    for loss, seed, run_dir in runs:
-        stages.set_postfix_str(f"train {run_dir.name}")
-        with _stage(f"train {run_dir}"):
-            if (run_dir / "final" / "mileloss_run.json").exists():
-                log.info("train: %s already finished", run_dir)
+    # closed on any error too, so the error line is never glued to the bar; no bar when stderr is a file
+    with tqdm(total=1 + 2 * len(runs) + 1, desc="reproduce", unit="stage", position=0,
+              disable=not sys.stderr.isatty()) as stages:
+        stages.set_postfix_str(f"data {corpus}")
+        with _stage(f"data {corpus}"):
+            if _data_ready(data_dir, plan.vocab_size, load_manifest):
+                log.info("data: %s already prepared", data_dir)
             else:
-                config = load_config(None, train_overrides(plan, data_dir, run_dir, loss, seed, device))
-                train(config, resume=(run_dir / "checkpoints").exists())
+                prepare_corpus([corpus], data_dir, vocab_size=plan.vocab_size, seed=0, cache_dir=cache_dir)
         stages.update()
 
-    for _, _, run_dir in runs:
-        stages.set_postfix_str(f"eval {run_dir.name}")
-        with _stage(f"eval {run_dir}"):
-            if (run_dir / "eval" / "perplexity.json").exists() and (
-                    not plan.tasks or (run_dir / "eval" / "lm_eval.json").exists()):
-                log.info("eval: %s already evaluated", run_dir)
-            else:
-                evaluate(run_dir, data_dir, max_tokens=plan.ppl_max_tokens, tasks=list(plan.tasks) or "none",
-                         limit=plan.task_limit, num_fewshot=plan.num_fewshot, device=device, cache_dir=cache_dir)
-        stages.update()
+        for loss, seed, run_dir in runs:
+            stages.set_postfix_str(f"train {run_dir.name}")
+            with _stage(f"train {run_dir}"):
+                if (run_dir / "final" / "mileloss_run.json").exists():
+                    log.info("train: %s already finished", run_dir)
+                else:
+                    config = load_config(None, train_overrides(plan, data_dir, run_dir, loss, seed, device))
+                    # resume from the last complete checkpoint; a run stopped before its first one starts afresh
+                    # (train's overwrite removes only what train wrote, and refuses anything else)
+                    resumable = bool(checkpoint_steps(run_dir / "checkpoints"))
+                    train(config, resume=resumable, overwrite=run_dir.exists() and not resumable)
+            stages.update()
 
-    stages.set_postfix_str("report")
-    with _stage("report"):
-        report = write_report([run_dir for _, _, run_dir in runs], out / "report")
-    stages.update()
-    stages.close()
+        for _, _, run_dir in runs:
+            stages.set_postfix_str(f"eval {run_dir.name}")
+            with _stage(f"eval {run_dir}"):
+                if (run_dir / "eval" / "perplexity.json").exists() and (
+                        not plan.tasks or (run_dir / "eval" / "lm_eval.json").exists()):
+                    log.info("eval: %s already evaluated", run_dir)
+                else:
+                    evaluate(run_dir, data_dir, max_tokens=plan.ppl_max_tokens, tasks=list(plan.tasks) or "none",
+                             limit=plan.task_limit, num_fewshot=plan.num_fewshot, device=device, cache_dir=cache_dir)
+            stages.update()
+
+        stages.set_postfix_str("report")
+        with _stage("report"):
+            report = write_report([run_dir for _, _, run_dir in runs], out / "report")
+        stages.update()
     summary.update(complete=True, report=str(report), seconds=round(time.time() - started, 1))
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return report

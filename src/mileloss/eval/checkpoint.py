@@ -21,8 +21,8 @@ from mileloss.eval.errors import CheckpointError, EvalArgumentError, EvalDataErr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "Checkpoint", "LossSettings", "check_tokenizer_matches", "load_model", "resolve_checkpoint",
-           "run_loss_settings"]
+__all__ = ["DTYPES", "Checkpoint", "LossSettings", "check_pickled_weights", "check_tokenizer_matches", "load_model",
+           "model_sizes", "resolve_checkpoint", "run_loss_settings", "torch_dtype"]
 
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -83,6 +83,22 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     if (path / "mileloss_run.json").is_file():
         run_info = _read_json_object(path / "mileloss_run.json")
     return Checkpoint(path=path, run_dir=run_dir, run_info=run_info)
+
+
+def model_sizes(checkpoint: Checkpoint) -> tuple[int | None, int | None]:
+    """``(vocab_size, max_position_embeddings)`` from ``config.json``, read before any weight is loaded.
+
+    Raises:
+        CheckpointError: a ``config.json`` that is not a JSON object, or sizes that are not positive integers.
+    """
+    config = _read_json_object(checkpoint.path / "config.json")
+    sizes = []
+    for key in ("vocab_size", "max_position_embeddings"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{checkpoint.path / 'config.json'}: {key} must be a positive integer, got {value!r}")
+        sizes.append(value)
+    return sizes[0], sizes[1]
 
 
 def _read_json_object(path: Path) -> dict:

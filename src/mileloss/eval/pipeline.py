@@ -22,6 +22,7 @@ from mileloss.eval.checkpoint import (
     LossSettings,
     check_tokenizer_matches,
     load_model,
+    model_sizes,
     resolve_checkpoint,
     run_loss_settings,
     torch_dtype,
@@ -196,11 +197,10 @@ def _evaluate(checkpoint: Checkpoint, loss: LossSettings, data_dir: str | Path |
     check_tokenizer_matches(checkpoint.path, manifest.tokenizer_dir)
     frequency = frequency_buckets(manifest.token_counts(), cut_points)
 
-    model = load_model(checkpoint, device=device, dtype=dtype)
-    if model.config.vocab_size < manifest.vocab_size:
-        raise EvalDataError(f"{checkpoint.path}: model vocab_size {model.config.vocab_size} is smaller than the "
-                            f"data's {manifest.vocab_size} ({data_dir / 'manifest.json'})")
-    context = getattr(model.config, "max_position_embeddings", None)
+    vocab_size, context = model_sizes(checkpoint)  # checked before the weights load
+    if vocab_size is not None and vocab_size < manifest.vocab_size:
+        raise EvalDataError(f"{checkpoint.path}: model vocab_size {vocab_size} is smaller than the data's "
+                            f"{manifest.vocab_size} ({data_dir / 'manifest.json'})")
     if seq_len is None:
         run_model = checkpoint.run_info.get("model")
         seq_len = (run_model.get("seq_len") if isinstance(run_model, dict) else None) or context
@@ -209,6 +209,7 @@ def _evaluate(checkpoint: Checkpoint, loss: LossSettings, data_dir: str | Path |
                                   f"mileloss_run.json or max_position_embeddings: {seq_len!r}); pass --seq-len")
     if context is not None and seq_len > context:
         raise EvalArgumentError(f"--seq-len {seq_len} exceeds the model's context of {context} positions")
+    model = load_model(checkpoint, device=device, dtype=dtype)
     tokens = read_split(manifest, "val")
     started = time.perf_counter()
     logger.info("perplexity of %s on %s (%d val tokens, window %d; %s weight %s, gamma %g, sigma %g)",
