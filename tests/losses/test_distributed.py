@@ -16,50 +16,58 @@ WORLD = 2
 N, D, V = 24, 8, 37
 
 
-def full_batch():
+def full_batch(gamma=1.0):
     generator = torch.Generator().manual_seed(7)
     hidden = torch.randn(N, D, generator=generator, dtype=torch.float64)
     weight = torch.randn(V, D, generator=generator, dtype=torch.float64)
     targets = torch.randint(0, V, (N,), generator=generator)
     targets[:9] = -100  # rank 0 gets far more ignored tokens than rank 1: normalisers must be global
+    if gamma != 1.0:  # rank 0's rows peaked: its weights ~1e-20 of rank 1's, the global max is on rank 1
+        hidden[: N // 2] *= 4.0
     return hidden, weight, targets
+
+
+GAMMAS = {"weighted": 1.0, "accumulated": 1.0, "weighted_gamma40": 40.0, "accumulated_gamma40": 40.0}
 
 
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        hidden, weight, targets = full_batch()
         rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
         group = dist.group.WORLD
         results = {}
 
-        # 1. weighted mean, normaliser all-reduced; DDP averages gradients
-        h = hidden[rows].clone().requires_grad_()
-        w = weight.clone().requires_grad_()
-        loss = mileloss.linear_mile_loss(h, w, targets[rows], process_group=group)
-        loss.backward()
-        losses = loss.detach().clone()
-        dist.all_reduce(losses)
-        dist.all_reduce(w.grad)
-        # every gradient is world x the true one until DDP averages it (the hidden states' too, through the
-        # parameters they came from), so each is compared after dividing by the world size
-        results["weighted"] = (losses / WORLD, h.grad / WORLD, w.grad / WORLD)
+        for suffix, gamma in (("", 1.0), ("_gamma40", 40.0)):
+            hidden, weight, targets = full_batch(gamma)
+            # 1. weighted mean, normaliser all-reduced (max log-weight, then the shifted sums); DDP averages grads
+            h = hidden[rows].clone().requires_grad_()
+            w = weight.clone().requires_grad_()
+            loss = mileloss.linear_mile_loss(h, w, targets[rows], gamma=gamma, process_group=group)
+            loss.backward()
+            losses = loss.detach().clone()
+            dist.all_reduce(losses)
+            dist.all_reduce(w.grad)
+            # every gradient is world x the true one until DDP averages it (the hidden states' too, through the
+            # parameters they came from), so each is compared after dividing by the world size
+            results["weighted" + suffix] = (losses / WORLD, h.grad / WORLD, w.grad / WORLD)
 
-        # 2. two micro-batches per rank with WeightNormalizer (sum losses, rescale once)
-        w2 = weight.clone().requires_grad_()
-        normalizer = WeightNormalizer(process_group=group)
-        hidden_grads = []
-        for micro in (slice(rows.start, rows.start + 5), slice(rows.start + 5, rows.stop)):
-            hm = hidden[micro].clone().requires_grad_()
-            loss_sum, stats = mileloss.linear_mile_loss(hm, w2, targets[micro], reduction="sum", return_stats=True)
-            (loss_sum * 0.1).backward()
-            normalizer.add(stats, 0.1)
-            hidden_grads.append(hm)
-        global_loss = normalizer.rescale_gradients_([w2] + hidden_grads)
-        dist.all_reduce(w2.grad)
-        results["accumulated"] = (global_loss, torch.cat([hm.grad for hm in hidden_grads]) / WORLD,
-                                  w2.grad / WORLD)
+            # 2. two micro-batches per rank with WeightNormalizer (sum losses, rescale once)
+            w2 = weight.clone().requires_grad_()
+            normalizer = WeightNormalizer(process_group=group)
+            hidden_grads = []
+            for micro in (slice(rows.start, rows.start + 5), slice(rows.start + 5, rows.stop)):
+                hm = hidden[micro].clone().requires_grad_()
+                loss_sum, stats = mileloss.linear_mile_loss(hm, w2, targets[micro], gamma=gamma, reduction="sum",
+                                                            return_stats=True)
+                (loss_sum * 0.1).backward()
+                normalizer.add(stats, 0.1)
+                hidden_grads.append(hm)
+            global_loss = normalizer.rescale_gradients_([w2] + hidden_grads)
+            dist.all_reduce(w2.grad)
+            results["accumulated" + suffix] = (global_loss, torch.cat([hm.grad for hm in hidden_grads]) / WORLD,
+                                               w2.grad / WORLD)
 
+        hidden, weight, targets = full_batch()
         # 3. paper mode: per-rank alphas averaged across ranks, as the official code does
         logits = (hidden[rows] @ weight.T).requires_grad_()
         paper = mileloss.mile_loss(logits, targets[rows], normalize="paper", process_group=group)
@@ -76,19 +84,19 @@ def rank_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def single_process_reference():
-    hidden, weight, targets = full_batch()
+def single_process_reference(gamma=1.0):
+    hidden, weight, targets = full_batch(gamma)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    loss = reference.loss(h @ w.T, targets, "mile")
+    loss = reference.loss(h @ w.T, targets, "mile", gamma=gamma)
     loss.backward()
     return loss.detach(), h.grad, w.grad
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["weighted", "accumulated"])
+@pytest.mark.parametrize("case", list(GAMMAS))
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(rank_results, case):
-    loss, hidden_grad, weight_grad = single_process_reference()
+    loss, hidden_grad, weight_grad = single_process_reference(GAMMAS[case])
     assert_close(rank_results[0][case][0], loss, what="loss")
     assert_close(torch.cat([r[case][1] for r in rank_results]), hidden_grad, what="grad hidden")
     for r in rank_results:

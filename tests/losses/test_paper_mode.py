@@ -65,3 +65,34 @@ def test_paper_gradients_match_the_official_formula():
     logits.grad = None
     reference.official(logits, labels).mean().backward()
     assert_close(ours, logits.grad, what="paper grad", rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighting", ["mile", "focal"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_paper_mode_on_peaked_logits_equals_the_official_formula_at_float64_tolerance(weighting, fused):
+    # a third of the rows has p < 1e-8 in most columns: the official clamp makes each of those columns add
+    # -1e-8 log 1e-8 ~ 1.8e-7 to H instead of ~0, a change far above float64 tolerance
+    generator = torch.Generator().manual_seed(11)
+    n, d, v = 30, 12, 160
+    hidden = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    hidden[: n // 3] *= 6.0
+    head = torch.randn(v, d, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,), generator=generator)
+    labels[::4] = -100
+    logits = hidden @ head.T
+    tiny = (torch.softmax(logits, -1) < 1e-8).sum(1)
+    assert (tiny > v // 2).sum() >= 5, "the batch must have several rows with p < 1e-8 in many columns"
+    leaves = (hidden.clone().requires_grad_(), head.clone().requires_grad_())
+    if fused:
+        ours = mileloss.linear_token_weighted_loss(*leaves, labels, weighting=weighting, normalize="paper",
+                                                   chunk_size=7)
+    else:
+        ours = mileloss.token_weighted_loss(leaves[0] @ leaves[1].T, labels, weighting=weighting,
+                                            normalize="paper", chunk_size=7)
+    ours.backward()
+    expected_leaves = (hidden.clone().requires_grad_(), head.clone().requires_grad_())
+    expected = reference.official(expected_leaves[0] @ expected_leaves[1].T, labels, weighting).mean()
+    expected.backward()
+    assert_close(ours, expected, what="paper loss")
+    for got, want in zip(leaves, expected_leaves, strict=True):
+        assert_close(got.grad, want.grad, what="paper grad")
