@@ -148,6 +148,30 @@ def test_eval_never_builds_the_logits_of_a_whole_batch(tmp_path, checkpoint_dir,
     assert shapes == [(1, 8, shapes[0][-1])]
 
 
+def test_a_model_whose_logits_are_not_its_head_on_the_hidden_states_is_refused(tmp_path, checkpoint_dir, data_dir,
+                                                                              monkeypatch):
+    import mileloss.eval.pipeline as pipeline
+
+    load = pipeline.load_model
+
+    def scaled(*args, **kwargs):  # logits scaled after the head, as some architectures do
+        model = load(*args, **kwargs)
+        model.lm_head.register_forward_hook(lambda module, inputs, output: output * 1.3)
+        return model
+
+    monkeypatch.setattr(pipeline, "load_model", scaled)
+    with pytest.raises(CheckpointError, match="its logits are not lm_head\\(final hidden state\\)"):
+        evaluate(_mile_run(tmp_path, checkpoint_dir, data_dir), tasks="none")
+
+
+def test_malformed_config_json_is_named_before_anything_loads_it(tmp_path, checkpoint_dir, data_dir, capsys):
+    run = _mile_run(tmp_path, checkpoint_dir, data_dir)
+    config = json.loads((run / "final" / "config.json").read_text())
+    (run / "final" / "config.json").write_text(json.dumps({**config, "vocab_size": "abc"}))
+    assert eval_main([str(run), "--tasks", "none"]) == 2  # was: a huggingface_hub traceback
+    assert "config.json: vocab_size must be a positive integer, got 'abc'" in _one_line_error(capsys.readouterr())
+
+
 def test_loss_settings_that_disagree_or_have_wrong_types_are_named(tmp_path, checkpoint_dir, data_dir, capsys):
     run = _mile_run(tmp_path, checkpoint_dir, data_dir)
     info_path = run / "final" / "mileloss_run.json"
@@ -397,6 +421,12 @@ def test_report_out_that_is_a_file_foreign_or_unwritable_is_refused_untouched(tm
     assert "--out . holds files that mileloss report did not write" in _one_line_error(capsys.readouterr())
     assert a_file.read_text() == "mine"
     assert _snapshot(foreign) == {"curves.png": b"mine", "report.md": b"# my own report"}
+
+
+def test_the_same_run_given_twice_is_refused(tmp_path, two_runs):
+    with pytest.raises(ReportError, match="is given twice"):  # was: one run counted as two seeds
+        write_report([two_runs[0], two_runs[1], two_runs[0].parent / ".." / two_runs[0].parent.name / "ce"],
+                     tmp_path / "report")
 
 
 def test_a_second_report_replaces_the_first_and_its_stale_figures(tmp_path, two_runs, data_dir):

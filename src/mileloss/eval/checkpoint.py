@@ -101,6 +101,11 @@ def model_sizes(checkpoint: Checkpoint) -> tuple[int | None, int | None]:
     return sizes[0], sizes[1]
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _read_json_object(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -175,7 +180,7 @@ def run_loss_settings(checkpoint: Checkpoint) -> LossSettings:
         try:
             config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise CheckpointError(f"{config_path}: not a readable YAML file ({error})".replace("\n", " ")) from error
+            raise CheckpointError(f"{config_path}: not a readable YAML file ({_first_line(error)})") from error
         if config is not None and not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: expected a mapping, got {type(config).__name__}")
         if config and "loss" in config:
@@ -208,8 +213,13 @@ def check_tokenizer_matches(checkpoint_dir: str | Path, data_tokenizer_dir: str 
     checkpoint_dir, data_tokenizer_dir = Path(checkpoint_dir), Path(data_tokenizer_dir)
     if not data_tokenizer_dir.is_dir():
         raise EvalDataError(f"{data_tokenizer_dir}: the data directory has no tokenizer folder")
-    model_vocab = AutoTokenizer.from_pretrained(str(checkpoint_dir), trust_remote_code=False).get_vocab()
-    data_vocab = AutoTokenizer.from_pretrained(str(data_tokenizer_dir), trust_remote_code=False).get_vocab()
+    vocabularies = []
+    for folder in (checkpoint_dir, data_tokenizer_dir):
+        try:
+            vocabularies.append(AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False).get_vocab())
+        except Exception as error:  # transformers and huggingface_hub raise many types for a malformed folder
+            raise CheckpointError(f"{folder}: cannot load its tokenizer ({_first_line(error)})") from error
+    model_vocab, data_vocab = vocabularies
     if model_vocab == data_vocab:
         return
     differing = sorted(set(model_vocab.items()) ^ set(data_vocab.items()), key=lambda item: item[1])[:5]
@@ -297,7 +307,6 @@ def load_model(checkpoint: Checkpoint, *, device: str = "cpu", dtype: str = "flo
     try:
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), trust_remote_code=False,
                                                      use_safetensors=has_safetensors(checkpoint))
-    except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{checkpoint.path}: cannot load the model ({first_line})") from error
+    except Exception as error:  # transformers and huggingface_hub raise many types for a malformed folder
+        raise CheckpointError(f"{checkpoint.path}: cannot load the model ({_first_line(error)})") from error
     return model.to(device=device, dtype=target_dtype).eval()

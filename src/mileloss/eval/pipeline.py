@@ -154,6 +154,7 @@ def evaluate(
     device = _resolve_device(device)
 
     checkpoint = resolve_checkpoint(path)
+    model_sizes(checkpoint)  # a malformed config.json is named here, before anything loads it
     loss = run_loss_settings(checkpoint)
     out = Path(out_dir) if out_dir is not None else checkpoint.default_out_dir
     flag = "--out" if out_dir is not None else "output folder"

@@ -24,7 +24,7 @@ from mileloss.eval.errors import OutputFolderError
 from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
 from mileloss.report.data_check import DataCheck, check_same_data
 from mileloss.report.plots import FIGURES, write_plots
-from mileloss.report.runs import RunGroup, group_runs, load_run
+from mileloss.report.runs import ReportError, RunGroup, group_runs, load_run
 from mileloss.report.tables import MISSING, Table, comparison_table, verdict
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,11 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_m
     """
     if not run_dirs:
         raise ValueError("mileloss report: give at least one run folder")
+    seen: dict[Path, str] = {}
+    for path in run_dirs:
+        if Path(path).resolve() in seen:
+            raise ReportError(f"{path} is given twice (as {seen[Path(path).resolve()]}): each run is one column entry")
+        seen[Path(path).resolve()] = str(path)
     out = Path(out_dir)
     _check_out(out)  # before any work: a folder that cannot take the report fails fast
     runs = [load_run(path) for path in run_dirs]
