@@ -56,9 +56,10 @@ def per_token_terms(logits, targets, weighting, gamma, sigma, ignore_index=IGNOR
 def sum_shift(weighting, gamma, sigma, vocab):
     """The documented shift c of the unnormalised outputs: max(0, gamma ln(sigma + ln V) - 32 ln 2) for
     MiLe (so that no weight exceeds 2^32), 0 for CE and focal (whose weights are at most 1)."""
-    if weighting != "mile" or gamma == 0:
+    largest_base = sigma + math.log(vocab)  # H <= ln V
+    if weighting != "mile" or gamma == 0 or largest_base <= 0:  # V = 1, sigma = 0: every weight is 0
         return 0.0
-    return max(0.0, gamma * math.log(sigma + math.log(vocab)) - 32 * math.log(2))
+    return max(0.0, gamma * math.log(largest_base) - 32 * math.log(2))
 
 
 def loss(logits, targets, weighting="mile", gamma=1.0, sigma=1.0, reduction="mean", normalize="weighted",
