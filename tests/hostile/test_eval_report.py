@@ -468,6 +468,7 @@ def test_two_reports_at_once_into_one_folder_do_not_interleave(tmp_path, two_run
     ("metrics.jsonl", '{"kind": "train", "step": 1, "loss": "low"}\n', "metrics.jsonl:1.loss: expected number"),
     ("metrics.jsonl", '[1, 2]\n', "metrics.jsonl:1: expected a JSON object, got [1, 2]"),
     ("config.yaml", "- a\n- list\n", "config.yaml: expected a mapping, got ['a', 'list']"),
+    ("config.yaml", "loss: {kind: mile, gamma: lots}\n", "config.yaml.loss.gamma: expected number or null, got 'lots'"),
     ("config.yaml", "loss: {kind: [unclosed\n", "config.yaml: not valid YAML"),
     ("config.yaml", "loss: !!python/object/apply:os.makedirs ['{marker}']\n", "config.yaml: not valid YAML"),
 ])

@@ -12,6 +12,7 @@ identity of the data it evaluated on in ``perplexity.json``; ``mileloss report``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -55,10 +56,10 @@ def data_identity(data_dir: str | Path) -> dict:
     canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     vocab_size = manifest.get("vocab_size")
     tokenizer = manifest.get("tokenizer", "tokenizer")
-    try:
-        tokenizer_hash = _tokenizer_sha256(data_dir / tokenizer) if isinstance(tokenizer, str) else None
-    except OSError:
-        tokenizer_hash = None
+    tokenizer_hash = None
+    if isinstance(tokenizer, str) and (data_dir / tokenizer).resolve().is_relative_to(data_dir.resolve()):
+        with contextlib.suppress(OSError):  # only a folder inside the data directory is read
+            tokenizer_hash = _tokenizer_sha256(data_dir / tokenizer)
     identity.update(
         readable=True,
         corpus=manifest.get("corpus") if isinstance(manifest.get("corpus"), str) else None,

@@ -66,9 +66,10 @@ PERPLEXITY_SCHEMA = {
     "data_dir?": TEXT_OR_NONE,
 }
 LM_EVAL_SCHEMA = {"tasks": MapOf({"value?": NUMBER_OR_NONE}), "num_fewshot?": INT_OR_NONE}
-RUN_INFO_SCHEMA = {"loss?": (dict,), "data_dir?": TEXT_OR_NONE, "steps?": INT_OR_NONE, "tokens?": INT_OR_NONE,
+LOSS = {"kind?": (str,), "gamma?": NUMBER_OR_NONE, "sigma?": NUMBER_OR_NONE}
+RUN_INFO_SCHEMA = {"loss?": LOSS, "data_dir?": TEXT_OR_NONE, "steps?": INT_OR_NONE, "tokens?": INT_OR_NONE,
                    "seed?": (int, str, type(None)), "model?": OrNone({"vocab_size?": INT_OR_NONE})}
-CONFIG_SCHEMA = {"loss?": (dict,), "run?": (dict,), "data?": {"dir?": TEXT_OR_NONE},
+CONFIG_SCHEMA = {"loss?": LOSS, "run?": (dict,), "data?": {"dir?": TEXT_OR_NONE},
                  "model?": {"vocab_size?": INT_OR_NONE}}
 LINE_SCHEMAS = {"train": {"step": NUMBER, "loss": NUMBER, "tokens?": NUMBER},
                 "val": {"step": NUMBER, "val_loss": NUMBER, "tokens?": NUMBER}}
@@ -177,8 +178,10 @@ class RunRecord:
         return None
 
     def group_key(self) -> tuple:
-        flat = _flatten(self.config) if self.config else {"loss": json.dumps(self.loss, sort_keys=True)}
-        return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flat.items() if k not in NON_SEMANTIC_KEYS))
+        # default=str: YAML values that JSON has no type for (dates) still compare
+        flat = _flatten(self.config) if self.config else {"loss": json.dumps(self.loss, sort_keys=True, default=str)}
+        return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in flat.items()
+                            if k not in NON_SEMANTIC_KEYS))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
