@@ -328,6 +328,102 @@ def test_a_checkpoint_of_the_old_format_is_not_unpickled(data_dir, tmp_path):  #
         train(_config(data_dir, out), resume=True)
 
 
+@pytest.mark.parametrize(("damage", "message"), [
+    ("model", "the saved model or optimizer state does not fit this run"),
+    ("optimizer", "the saved model or optimizer state does not fit this run"),
+    ("loader", "malformed data-loader state"), ("step", "malformed checkpoint")])
+def test_a_checksummed_checkpoint_with_a_malformed_state_is_a_named_error(data_dir, old_run, damage, message):  # noqa: F811
+    """Plain data that passes the checksum (written by save_checkpoint) but does not fit: an error, no traceback."""
+    from mileloss.train.checkpoint import CheckpointError, save_checkpoint
+
+    directory = old_run / "checkpoints"
+    state = {k: v for k, v in load_checkpoint(directory / "step_00000004.pt").items()
+             if k not in ("format", "version", "step", "rng")}
+    step = 4
+    if damage == "step":  # the only checkpoint says it is of step 0
+        for path in directory.iterdir():
+            path.unlink()
+        step = 0
+    else:
+        state[damage] = {"model": [1, 2], "optimizer": {"state": 3}, "loader": {"seed": 111}}[damage]
+    save_checkpoint(directory, step, state, keep=5)
+    with pytest.raises(CheckpointError, match=rf"step_0000000\d.pt: {message}") as error:
+        train(_config(data_dir, old_run), resume=True)
+    _one_line(error)
+
+
+def test_set_rng_state_rejects_a_malformed_state():
+    from mileloss.train.checkpoint import CheckpointError, rng_state, set_rng_state
+
+    state = rng_state()
+    for broken in ({**state, "python": 1}, {**state, "numpy": {"key": [1]}}, {k: v for k, v in state.items()
+                                                                              if k != "torch"}):
+        with pytest.raises(CheckpointError, match="malformed RNG state in checkpoint"):
+            set_rng_state(broken)
+
+
+def test_metrics_lines_that_are_not_ours_are_dropped_on_resume_not_a_traceback(data_dir, old_run, caplog):  # noqa: F811
+    path = old_run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "[1, 2]", '{"kind": "train"}', *lines[1:]]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="mileloss.train.metrics"):
+        train(_config(data_dir, old_run), resume=True)
+    assert caplog.text.count("dropping an unreadable line") == 2
+    assert [line["step"] for line in read_metrics(path, "train")] == [1, 2, 3, 4]
+
+
+def test_a_failed_export_leaves_no_summary_beside_half_written_weights(data_dir, old_run, monkeypatch):  # noqa: F811
+    from transformers import PreTrainedModel
+
+    def disk_full(self, *args, **kwargs):
+        (Path(args[0]) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    assert (old_run / "final" / "mileloss_run.json").exists()
+    with pytest.raises(OSError, match="No space left"):
+        train(_config(data_dir, old_run), resume=True)  # a finished run, resumed: exports again
+    assert not (old_run / "final" / "mileloss_run.json").exists()  # final/ no longer claims to be complete
+    assert not (old_run / LOCK_NAME).exists()
+
+
+def test_a_home_relative_run_out_goes_to_the_home_folder(data_dir, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    train(_config(data_dir, Path("~/runs/x")))
+    assert checkpoint_steps(tmp_path / "home" / "runs" / "x" / "checkpoints") == [2, 4]
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_training(data_dir, tmp_path):  # noqa: F811
+    from mileloss.train import PreflightError
+
+    # before: the loader looped for hours assembling 10**11 rows from ~780 windows
+    with pytest.raises(PreflightError, match=r"run.batch_size=100000000000 x 1 process\(es\) .* more than the \d+ "
+                                             r"sequences of run.seq_len=32"):
+        train(_config(data_dir, tmp_path / "run", **{"run.batch_size": 10**11}))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 24.6 GiB"), torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate "
+                                                "memory: you tried to allocate 140737488355328 bytes")])
+def test_out_of_memory_is_one_line(tmp_path, caplog, monkeypatch, error):
+    import mileloss.train.loop
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(mileloss.train.loop, "train", exhausted)
+    with caplog.at_level(logging.ERROR):
+        assert train_main([f"run.out={tmp_path / 'run'}"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("out of memory") and "run.batch_size" in errors[0]
+    monkeypatch.setattr(mileloss.train.loop, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors are not disguised as memory problems
+        train_main([f"run.out={tmp_path / 'run'}"])
+
+
 # ---------------------------------------------------------------------------------------------------- schedule
 
 

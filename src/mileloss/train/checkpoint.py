@@ -330,8 +330,9 @@ def check_training_state(payload: dict[str, Any], path: Path) -> None:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; it cannot resume training")
     if not isinstance(payload["config"], dict) or not isinstance(payload["world_size"], int) or not isinstance(
-            payload["tokens"], int):
-        raise CheckpointError(f"{path}: malformed checkpoint (config, world_size or tokens of the wrong type)")
+            payload["tokens"], int) or payload["step"] < 1 or payload["tokens"] < 0:
+        raise CheckpointError(f"{path}: malformed checkpoint (step, tokens, config or world_size of the wrong type "
+                              f"or out of range)")
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

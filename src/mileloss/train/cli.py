@@ -64,6 +64,8 @@ def main(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"mileloss train: {error}", file=sys.stderr)
         return 2
+    import torch
+
     from mileloss.train.loop import train
 
     try:
@@ -74,6 +76,15 @@ def main(argv: list[str]) -> int:
     except OSError as error:  # the disk or the file system (full, read-only, gone): checkpoints written stay valid
         logger.error("%s: %s (checkpoints written so far are complete; continue with --resume)",
                      type(error).__name__, error)
+        return 1
+    except MemoryError as error:
+        logger.error("out of memory (%s): reduce run.batch_size, run.seq_len or the model size", error)
+        return 1
+    except RuntimeError as error:  # torch's allocators: CUDA out of memory, or CPU allocation failures
+        if not isinstance(error, torch.OutOfMemoryError) and "DefaultCPUAllocator" not in str(error):
+            raise
+        message = " ".join(str(error).split())[:300]
+        logger.error("out of memory (%s): reduce run.batch_size, run.seq_len or the model size", message)
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted; checkpoints written so far are complete: continue with --resume")

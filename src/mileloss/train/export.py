@@ -1,6 +1,7 @@
 """Export of a finished run: ``RUN_DIR/final`` loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
-``final/mileloss_run.json`` records how the model was trained:
+``final/mileloss_run.json`` records how the model was trained, and is written last: its presence means the export
+is complete. It holds
 ``{"loss": {...}, "data_dir": ..., "steps": ..., "tokens": ..., "seed": ..., "model": {...}}``.
 """
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
+
+from mileloss.train.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,9 @@ def export_final(model: torch.nn.Module, run, steps: int, tokens: int) -> Path:
     """
     final = run.run_dir / "final"
     final.mkdir(parents=True, exist_ok=True)
+    # mileloss_run.json marks a complete export: it goes first and comes back last, so a kill in between never
+    # leaves the summary of an earlier export beside half-written weights
+    (final / "mileloss_run.json").unlink(missing_ok=True)
     model.save_pretrained(final)
     AutoTokenizer.from_pretrained(str(run.manifest.tokenizer_dir)).save_pretrained(final)
     config = run.config
@@ -41,6 +47,6 @@ def export_final(model: torch.nn.Module, run, steps: int, tokens: int) -> Path:
         "model": {"preset": config.model.preset, "vocab_size": config.model.vocab_size,
                   "seq_len": config.run.seq_len},
     }
-    (final / "mileloss_run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(final / "mileloss_run.json", json.dumps(summary, indent=2) + "\n")
     logger.info("exported %s", final)
     return final

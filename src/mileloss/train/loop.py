@@ -209,7 +209,10 @@ def _resume(run: PreparedRun, model, optimizer, scheduler, loader, context) -> t
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         reason = " ".join(str(error).split())[:300]
         raise CheckpointError(f"{path}: the saved model or optimizer state does not fit this run: {reason}") from None
-    loader.load_state_dict(state["loader"])
+    try:
+        loader.load_state_dict(state["loader"])
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path}: malformed data-loader state ({type(error).__name__}: {error})") from None
     set_rng_state(state["rng"])
     logger.info("resumed from %s (step %d)", path, state["step"])
     return state["step"], state["tokens"]

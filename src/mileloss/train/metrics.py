@@ -7,10 +7,13 @@ validation lines: ``{"kind": "val", "step", "tokens", "val_loss", "val_ppl"}``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from mileloss.train.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +42,8 @@ class MetricsLogger:
         self.jsonl_path = run_dir / "metrics.jsonl"
         self.csv_path = run_dir / "metrics.csv"
         if resume_step is None:
-            self.jsonl_path.write_text("")
-            self.csv_path.write_text(",".join(TRAIN_FIELDS) + "\n")
+            write_text_atomic(self.jsonl_path, "")
+            write_text_atomic(self.csv_path, ",".join(TRAIN_FIELDS) + "\n")
         else:
             self._truncate_after(resume_step)
         self.writer = None
@@ -53,21 +56,26 @@ class MetricsLogger:
                 self.writer = None
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the lines up to ``step``; both files are replaced atomically (a kill here loses no line)."""
         kept = []
-        text = self.jsonl_path.read_text() if self.jsonl_path.exists() else ""
+        text = self.jsonl_path.read_text(encoding="utf-8", errors="replace") if self.jsonl_path.exists() else ""
         for raw in text.splitlines():
             try:
                 line = json.loads(raw)
             except ValueError:  # the last line of a killed process may be cut short
-                logger.warning("dropping an incomplete line of %s: %r", self.jsonl_path, raw[:80])
+                line = None
+            if not (isinstance(line, dict) and isinstance(line.get("step"), int) and line.get("kind") in (
+                    "train", "val")):
+                logger.warning("dropping an unreadable line of %s: %r", self.jsonl_path, raw[:80])
                 continue
             if line["step"] <= step:
                 kept.append(line)
-        self.jsonl_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
-        with open(self.csv_path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, TRAIN_FIELDS)
-            writer.writeheader()
-            writer.writerows({k: line[k] for k in TRAIN_FIELDS} for line in kept if line["kind"] == "train")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, TRAIN_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: line.get(k) for k in TRAIN_FIELDS} for line in kept if line["kind"] == "train")
+        write_text_atomic(self.csv_path, buffer.getvalue())
+        write_text_atomic(self.jsonl_path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def log(self, kind: str, **values: Any) -> None:
         """Append one line of the given kind ("train" or "val")."""
@@ -76,7 +84,7 @@ class MetricsLogger:
             handle.write(json.dumps(line) + "\n")
         if kind == "train":
             with open(self.csv_path, "a", newline="") as handle:
-                csv.DictWriter(handle, TRAIN_FIELDS).writerow({k: values.get(k) for k in TRAIN_FIELDS})
+                csv.DictWriter(handle, TRAIN_FIELDS, lineterminator="\n").writerow({k: values.get(k) for k in TRAIN_FIELDS})
         if self.writer is not None:
             for key, value in values.items():
                 if key not in ("step", "tokens", "time") and isinstance(value, (int, float)):

@@ -161,6 +161,14 @@ def prepare_run(config: TrainConfig, context: DistributedContext, device: torch.
                 f"the {split!r} split of {manifest.path} has {available} tokens, fewer than run.seq_len + 1 = "
                 f"{seq_len + 1}: use a larger corpus or a smaller run.seq_len"
             )
+    windows = (_split_tokens(manifest, "train") - 1) // seq_len
+    global_batch = config.run.batch_size * context.world_size
+    if global_batch > windows:
+        raise PreflightError(
+            f"run.batch_size={config.run.batch_size} x {context.world_size} process(es) = {global_batch} sequences "
+            f"per batch, more than the {windows} sequences of run.seq_len={seq_len} in the 'train' split of "
+            f"{manifest.path}: every batch would repeat the data; use a smaller run.batch_size or a larger corpus"
+        )
     if config.run.num_threads:
         torch.set_num_threads(config.run.num_threads)
     use_bf16 = config.run.dtype == "bf16" or (config.run.dtype == "auto" and device.type == "cuda")

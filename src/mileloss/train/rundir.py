@@ -17,7 +17,8 @@ What a run may find in ``run.out``:
   the names mileloss writes there, no symbolic links); those are removed one by one before the new run starts.
   Anything else (an ``eval/`` folder, a file of the user's) refuses the overwrite before anything is removed.
 
-``run.out`` may not be a file, the current folder, one of its parents, or the root.
+``run.out`` may not be a file, the current folder, one of its parents, or the root; a leading ``~`` is the home
+folder.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ _FINAL_NAMES = (
     re.compile(r"^pytorch_model(-\d{5}-of-\d{5})?\.bin$"),
     re.compile(r"^pytorch_model\.bin\.index\.json$"),
     re.compile(r"^(merges\.txt|tokenizer\.model|chat_template\.jinja)$"),
+    re.compile(r"^\.mileloss_run\.json\.tmp-\d+$"),
 )
+# write_text_atomic's temporary files of the top-level files, left by a kill
+_TOP_TEMPORARY = re.compile(r"^\.(config\.yaml|metrics\.jsonl|metrics\.csv)\.tmp-\d+$")
 _SUBDIRS = {CHECKPOINT_DIR: _CHECKPOINT_NAMES, "tensorboard": _TENSORBOARD_NAMES, "final": _FINAL_NAMES}
 _METRIC_KINDS = ("train", "val")
 
@@ -93,7 +97,7 @@ def check_out_path(out: str | os.PathLike) -> Path:
     Raises:
         RunFolderError: naming ``run.out`` and its value.
     """
-    path = Path(out)
+    path = Path(out).expanduser()  # "~/runs/x" from a YAML file means the home folder, not a folder named "~"
     resolved = path.resolve()
     if resolved == Path(resolved.anchor):
         raise RunFolderError(f"run.out={str(out)!r} is the filesystem root; name a run folder such as runs/NAME")
@@ -298,6 +302,8 @@ def foreign_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
         if entry.name == LOCK_NAME:
             continue
         if stat.S_ISREG(mode) and entry.name in _TOP_FILES and _TOP_CHECKS[entry.name](entry):
+            ours_files.append(entry)
+        elif stat.S_ISREG(mode) and _TOP_TEMPORARY.match(entry.name):
             ours_files.append(entry)
         elif stat.S_ISDIR(mode) and entry.name in _SUBDIRS:
             patterns = _SUBDIRS[entry.name]
