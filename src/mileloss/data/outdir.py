@@ -47,6 +47,7 @@ from mileloss.data.shards import MANIFEST_FILE, PARTIAL_MARKER, ShardManifest, f
 logger = logging.getLogger(__name__)
 
 LOCK_TOOL = "mileloss data"
+_MARKER_TEMP = PARTIAL_MARKER + ".tmp"  # the marker before its rename: a kill can leave only this
 
 
 def resolve_out(out: str | os.PathLike) -> Path:
@@ -309,7 +310,8 @@ def clean_leftovers(out: Path) -> list[Path]:
     """Remove the staging and replaced folders that killed runs into ``out`` left; call with the lock held.
 
     A staging folder goes if it holds our marker (everything in it was written by a run into ``out``),
-    or if it is empty, or if it is a complete data directory of ours (killed after the marker went);
+    or nothing but the marker's temporary file (killed while writing it), or if it is a complete data
+    directory of ours (killed after the marker went);
     a replaced folder goes if it is ours. Anything else is left, with a warning. Returns what was removed.
     """
     removed = []
@@ -322,7 +324,9 @@ def clean_leftovers(out: Path) -> list[Path]:
         record = _marker_record(path / PARTIAL_MARKER) if match.group(1) == "partial" else None
         if record is not None and record.get("out") == str(out):
             shutil.rmtree(path)
-        elif not any(os.scandir(path)):
+        elif {entry.name for entry in os.scandir(path)} <= {_MARKER_TEMP}:  # empty, or killed writing the marker
+            with contextlib.suppress(FileNotFoundError):
+                (path / _MARKER_TEMP).unlink()
             path.rmdir()
         else:
             manifest, why = owned_data_dir(path)
@@ -367,13 +371,14 @@ def check_out(out: Path, overwrite: bool) -> ShardManifest | None:
 
 
 def make_staging(out: Path) -> Path:
-    """``PARENT/.NAME.partial-PID`` with the marker inside, written first."""
+    """``PARENT/.NAME.partial-PID`` with the marker inside, written first (complete: temp file + rename)."""
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         staging.mkdir()
-        marker = json.dumps({"tool": LOCK_TOOL, "pid": os.getpid(), "out": str(out)}) + "\n"
-        with open(staging / PARTIAL_MARKER, "x") as handle:
-            handle.write(marker)
+        temporary = staging / _MARKER_TEMP
+        with open(temporary, "x") as handle:
+            handle.write(json.dumps({"tool": LOCK_TOOL, "pid": os.getpid(), "out": str(out)}) + "\n")
+        os.rename(temporary, staging / PARTIAL_MARKER)
     except OSError as error:
         raise _os_error(error, f"create the staging folder {staging}") from error
     return staging
