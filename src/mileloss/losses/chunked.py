@@ -220,6 +220,8 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
             reused as scratch).
         e: (C, V) buffer of the same dtype; on return holds exp(z - rowmax) (0 for a -inf logit).
         targets: (C,) int64 with ignored rows replaced by 0.   valid: (C,) bool.
+    With ``spec.exact_tail`` the row maximum comes with its index and d = 1 + tail, log d = log1p(tail), with
+    tail = sum over the other entries of e, summed without the maximum's 1 (see ``LossSpec.exact_tail``).
     Returns:
         dict of (C,) tensors in the compute dtype: ce (0 where ignored, +inf where the target's logit is
         -inf), entropy, log_weight (-inf where ignored), log_weight_all (the weight of every position, ignored

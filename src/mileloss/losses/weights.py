@@ -58,11 +58,6 @@ def log_token_weight(
     return torch.xlogy(gamma, _base(weighting, entropy, ce, sigma))
 
 
-def token_weight(weighting: str, entropy: torch.Tensor, ce: torch.Tensor, gamma: float, sigma: float) -> torch.Tensor:
-    """``w = exp(log w)`` per row; overflows to inf where the weight exceeds the dtype (use the log form)."""
-    return log_token_weight(weighting, entropy, ce, gamma, sigma).exp()
-
-
 def log_weight_derivative(
     weighting: str, entropy: torch.Tensor, ce: torch.Tensor, gamma: float, sigma: float
 ) -> torch.Tensor:
