@@ -204,3 +204,14 @@ def test_gamma_zero_is_cross_entropy_even_where_the_base_is_zero():
     expected = torch.nn.functional.cross_entropy(logits, targets)
     assert_close(mileloss.mile_loss(logits, targets, gamma=0.0, sigma=0.0), expected)
     assert_close(mileloss.focal_loss(logits, targets, gamma=0.0), expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_paper_mode_at_gamma_40_equals_the_official_formula(reduction):
+    # alpha = 1 / mean(w) with w ~ 1e42: alpha and w are combined in logs, never formed in float32
+    logits, labels = torch.randn(12, 32000), torch.randint(0, 32000, (12,))
+    labels[::4] = reference.IGNORE
+    ours = mileloss.mile_loss(logits, labels, gamma=40.0, normalize="paper", reduction=reduction)
+    terms = reference.official(logits, labels, gamma=40.0)
+    expected = {"mean": terms.mean(), "sum": terms.sum(), "none": terms}[reduction]
+    assert_close(ours, expected, torch.float32, what="paper loss")
