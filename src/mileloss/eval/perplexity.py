@@ -200,7 +200,7 @@ def collect_token_statistics(
             inputs_t = torch.from_numpy(inputs).to(device)
             if not parts:
                 _check_logits_are_the_head_of_the_hidden_states(model, body, weight, bias, inputs_t)
-            hidden = body(input_ids=inputs_t).last_hidden_state  # (B, T, D)
+            hidden = body(input_ids=inputs_t).last_hidden_state.to(weight.dtype)  # (B, T, D)
             flat_targets = torch.from_numpy(targets).reshape(-1).to(device)
             stats = head_token_statistics(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, bias,
                                           weighting=weighting, gamma=gamma, sigma=sigma)
