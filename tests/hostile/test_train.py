@@ -133,6 +133,20 @@ def test_overwrite_refuses_a_folder_holding_files_mileloss_did_not_write(data_di
     assert (tmp_path / "precious" / "data.txt").exists() if plant == "link" else True
 
 
+@pytest.mark.distributed
+def test_under_ddp_a_refusal_by_rank_0_stops_every_rank_without_a_hang(data_dir, old_run):  # noqa: F811
+    from tests.train._train_utils import subprocess_env
+
+    before = _tree(old_run)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mileloss",
+               "train", *tiny_overrides(data_dir, old_run, **{**SHORT, "run.batch_size": 2}), "--quiet"]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "RunFolderNotEmptyError: run.out" in result.stderr  # rank 0
+    assert "RunFolderError: rank 0 could not claim run.out" in result.stderr  # rank 1, told by rank 0
+    assert _tree(old_run) == before
+
+
 def _write_lock(run_dir: Path, **record) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
@@ -437,6 +451,19 @@ def test_resume_refuses_a_changed_learning_rate_schedule(data_dir, old_run, over
         train(load_config(None, [*tiny_overrides(data_dir, old_run, **SHORT), override]), resume=True)
     _one_line(error)
     assert _tree(old_run) == before
+
+
+def test_resume_with_another_token_budget_names_the_budget_to_keep(data_dir, old_run):  # noqa: F811
+    # 4 steps of 4 x 32 tokens; max_tokens takes precedence over max_steps, so the way back is the old budget
+    with pytest.raises(ResumeMismatchError, match=r"run.max_steps: checkpoint 4, now 8 .*resume with "
+                                                  r"run.max_tokens=null run.max_steps=4, or start a new run"):
+        train(_config(data_dir, old_run, **{"run.max_tokens": 8 * 4 * 32}), resume=True)
+    train(_config(data_dir, old_run, **{"run.max_tokens": 4 * 4 * 32 - 5}), resume=True)  # the same 4 steps: fine
+
+
+def test_resume_accepts_memory_only_changes(data_dir, old_run):  # noqa: F811
+    train(_config(data_dir, old_run, **{"model.gradient_checkpointing": "true", "loss.chunk_size": 16,
+                                         "run.keep_checkpoints": 1}), resume=True)
 
 
 def test_resume_accepts_moved_data_but_refuses_other_data(data_dir, old_run, tmp_path):  # noqa: F811

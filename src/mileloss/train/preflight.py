@@ -178,9 +178,12 @@ def prepare_run(config: TrainConfig, context: DistributedContext, device: torch.
 # Differences in these keys are allowed when resuming: they do not change the steps already taken or to come.
 # run.max_tokens may differ as long as the resolved run.max_steps (compared) is the same; data.dir may move, the
 # data itself is compared by its fingerprint.
+# model.gradient_checkpointing and loss.chunk_size change memory use only (a run that runs out of memory may lower
+# them and resume).
 _RESUMABLE_CHANGES = {"run.max_tokens", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
                       "run.keep_checkpoints", "run.log_every", "run.progress", "run.out", "run.compile",
-                      "run.num_threads", "run.device", "data.dir", "data.verify_checksums"}
+                      "run.num_threads", "run.device", "data.dir", "data.verify_checksums",
+                      "model.gradient_checkpointing", "loss.chunk_size"}
 # Keys that define the learning-rate schedule of the steps to come: the scheduler is rebuilt from the config, so
 # resuming with another value would silently bend the cosine curve mid-run.
 _SCHEDULE_KEYS = {"run.max_steps", "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio"}
@@ -216,6 +219,10 @@ def check_resume_compatible(saved: dict[str, dict], current: TrainConfig, path: 
     why = (f" ({', '.join(schedule)} define{'s' if len(schedule) == 1 else ''} the learning-rate schedule the run "
            f"continues)") if schedule else ""
     keep = " ".join(f"{key}={old!r}" for key, old, _ in differences)
+    if "run.max_steps" in schedule and current.run.max_tokens is not None:  # max_tokens sets max_steps
+        steps, tokens = saved["run"]["max_steps"], saved["run"].get("max_tokens")
+        keep = keep.replace(f"run.max_steps={steps!r}", f"run.max_tokens={tokens!r}" if tokens is not None
+                            else f"run.max_tokens=null run.max_steps={steps!r}")
     raise ResumeMismatchError(
         f"cannot resume from {path}: the config differs in {listed}{why}; resume with {keep}, or start a new run in "
         f"another run.out"
