@@ -11,6 +11,11 @@ import pytest
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data directory (vocab 512, ~25k training tokens) from a generated Zipf-distributed word corpus."""
+    return make_words_data(tmp_path_factory)
+
+
+def make_words_data(tmp_path_factory) -> Path:
+    """Write the data directory of :func:`data_dir` (also used by tests/hostile/test_train.py)."""
     from mileloss.data import prepare_corpus
 
     rng = random.Random(0)

@@ -4,6 +4,7 @@
 >>> run_dir = train(load_config("configs/tiny.yaml", ["loss.kind=mile", "run.out=runs/mile"]))  # doctest: +SKIP
 """
 
+from mileloss.train.checkpoint import CheckpointChecksumError, CheckpointError, UnsafeCheckpointError
 from mileloss.train.config import (
     ConfigError,
     ConfigKeyError,
@@ -16,7 +17,6 @@ from mileloss.train.config import (
     TrainConfig,
     load_config,
 )
-from mileloss.train.checkpoint import CheckpointChecksumError, CheckpointError, UnsafeCheckpointError
 from mileloss.train.loop import NonFiniteLossError, TrainHooks, train
 from mileloss.train.preflight import PreflightError, ResumeMismatchError, VocabMismatchError
 from mileloss.train.rundir import NoCheckpointError, RunFolderBusyError, RunFolderError, RunFolderNotEmptyError

@@ -134,7 +134,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "data")
-        _check(bool(self.dir.strip()) and "\0" not in self.dir, "data.dir", f"must be a non-empty path, got {self.dir!r}")
+        _check(bool(self.dir.strip()) and "\0" not in self.dir, "data.dir",
+               f"must be a non-empty path, got {self.dir!r}")
 
 
 @dataclasses.dataclass
@@ -180,7 +181,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_types(self, "optim")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two values in [0, 1), got {list(self.betas)}")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two values in [0, 1), got {list(self.betas)}")
         _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -227,7 +229,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "run")
-        _check(bool(self.out.strip()) and "\0" not in self.out, "run.out", f"must be a non-empty path, got {self.out!r}")
+        _check(bool(self.out.strip()) and "\0" not in self.out, "run.out",
+               f"must be a non-empty path, got {self.out!r}")
         _check(0 <= self.seed <= MAX_INT, "run.seed", f"must be an integer in [0, 2**63), got {self.seed}")
         _check(self.max_steps is not None or self.max_tokens is not None, "run.max_steps",
                "set run.max_steps or run.max_tokens")
@@ -241,7 +244,8 @@ class RunConfig:
         _check(self.eval_batches > 0, "run.eval_batches", f"must be > 0, got {self.eval_batches}")
         _check(self.keep_checkpoints > 0, "run.keep_checkpoints", f"must be > 0, got {self.keep_checkpoints}")
         _check(self.dtype in ("auto", "bf16", "fp32"), "run.dtype", f"must be auto, bf16 or fp32, got {self.dtype!r}")
-        _check(bool(_DEVICE.match(self.device)), "run.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(bool(_DEVICE.match(self.device)), "run.device",
+               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.num_threads is None or 0 < self.num_threads <= MAX_THREADS, "run.num_threads",
                f"must be in [1, {MAX_THREADS}], got {self.num_threads}")
 

@@ -84,7 +84,8 @@ class MetricsLogger:
             handle.write(json.dumps(line) + "\n")
         if kind == "train":
             with open(self.csv_path, "a", newline="") as handle:
-                csv.DictWriter(handle, TRAIN_FIELDS, lineterminator="\n").writerow({k: values.get(k) for k in TRAIN_FIELDS})
+                writer = csv.DictWriter(handle, TRAIN_FIELDS, lineterminator="\n")
+                writer.writerow({k: values.get(k) for k in TRAIN_FIELDS})
         if self.writer is not None:
             for key, value in values.items():
                 if key not in ("step", "tokens", "time") and isinstance(value, (int, float)):
