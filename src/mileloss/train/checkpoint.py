@@ -100,20 +100,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         CheckpointError: ``state`` is not what :func:`rng_state` returns.
     """
     try:
+        # the checkpoint may have been loaded onto a GPU (map_location): RNG states are set from CPU tensors
         python, numpy_state = state["python"], state["numpy"]
-        internal = tuple(int(v) for v in python["internal"].tolist())
-        key = numpy_state["key"].numpy().astype(np.uint32)
+        internal = tuple(int(v) for v in python["internal"].cpu().tolist())
+        key = numpy_state["key"].cpu().numpy().astype(np.uint32)
         python_state = (int(python["version"]), internal, python["gauss"])
         numpy_tuple = (str(numpy_state["name"]), key, int(numpy_state["position"]), int(numpy_state["has_gauss"]),
                        float(numpy_state["cached_gaussian"]))
-        torch_state = state["torch"]
+        torch_state = state["torch"].cpu()
+        cuda_states = [s.cpu() for s in state["cuda"]] if "cuda" in state and torch.cuda.is_available() else None
         random.setstate(python_state)
         np.random.set_state(numpy_tuple)
         torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
         raise CheckpointError(f"malformed RNG state in checkpoint: {type(error).__name__}: {error}") from None
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _HashingWriter:
