@@ -104,8 +104,13 @@ def test_cli_reports_the_refusal_in_one_line(data_dir, old_run, caplog):
 
 
 def test_overwrite_replaces_the_previous_run_and_a_later_resume_continues_the_new_one(data_dir, old_run):
+    leftovers = [".metrics.csv.tmp-99", "checkpoints/.step_00000009.pt.tmp-99", "checkpoints/step_00000009.json",
+                 ".mileloss-train.lock.stale-1-deadbeef", "final/.mileloss_run.json.tmp-5"]
+    for name in leftovers:  # what killed trainers leave: recognised as ours
+        (old_run / name).write_text("partial")
     new = _config(data_dir, old_run, **{"run.seed": 5, "run.max_steps": 3, "run.checkpoint_every": 1})
     train(new, overwrite=True)
+    assert not any((old_run / name).exists() for name in leftovers)
     # before: the old run's step 4 outlived the new steps 1-3, which were pruned as "older", and --resume took it
     assert checkpoint_steps(old_run / "checkpoints") == [2, 3]
     assert load_checkpoint(old_run / "checkpoints" / "step_00000003.pt")["config"]["run"]["seed"] == 5

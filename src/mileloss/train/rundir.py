@@ -70,7 +70,9 @@ _FINAL_NAMES = (
     re.compile(r"^\.mileloss_run\.json\.tmp-\d+$"),
 )
 # write_text_atomic's temporary files of the top-level files, left by a kill
-_TOP_TEMPORARY = re.compile(r"^\.(config\.yaml|metrics\.jsonl|metrics\.csv)\.tmp-\d+$")
+# and a stale lock moved aside by a takeover that was killed before removing it
+_TOP_TEMPORARY = re.compile(r"^\.(config\.yaml|metrics\.jsonl|metrics\.csv)\.tmp-\d+$"
+                            r"|^\.mileloss-train\.lock\.stale-\d+-[0-9a-f]{8}$")
 _SUBDIRS = {CHECKPOINT_DIR: _CHECKPOINT_NAMES, "tensorboard": _TENSORBOARD_NAMES, "final": _FINAL_NAMES}
 _METRIC_KINDS = ("train", "val")
 
