@@ -4,7 +4,7 @@ VENV   ?= .venv
 PIP     = $(VENV)/bin/pip
 PY      = $(VENV)/bin/python
 
-.PHONY: setup test test-all lint bench reproduce clean
+.PHONY: setup test test-slow test-all test-min test-wheel lint bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,43 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
 test-all: setup
 	$(PY) -m pytest -q -m ""
+
+# The lower bounds in pyproject.toml, tested: a second environment with each dependency at the minimum
+# version .ci/min-versions.txt pins (binary wheels only), running the tests those dependencies serve.
+MIN_VENV ?= .venv-min
+$(MIN_VENV)/.installed: pyproject.toml .ci/min-versions.txt
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(MIN_VENV)/bin/pip install -q "torch==2.13.0"
+	$(MIN_VENV)/bin/pip install -q --only-binary=:all: -c .ci/min-versions.txt \
+	    transformers tokenizers pyyaml tqdm numpy pytest hypothesis
+	$(MIN_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/losses tests/data tests/train tests/integrations \
+	    tests/test_models.py tests/test_layering.py tests/hostile/test_losses.py tests/hostile/test_data.py \
+	    tests/hostile/test_train.py
+
+# What a pip user gets: build the sdist and wheel, check their metadata, install only the wheel into a fresh
+# environment and use it from an empty folder.
+WHEEL_VENV ?= build/wheel-venv
+test-wheel: setup
+	rm -rf dist $(WHEEL_VENV)
+	$(PY) -m build -q --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q "torch==2.13.0"
+	$(WHEEL_VENV)/bin/pip install -q "$$(ls dist/mileloss-*.whl)[all]"
+	cd $$(mktemp -d) && $(CURDIR)/$(WHEEL_VENV)/bin/mileloss --version \
+	    && $(CURDIR)/$(WHEEL_VENV)/bin/python -c "import torch, mileloss; \
+	z = torch.randn(8, 11, requires_grad=True); y = torch.randint(0, 11, (8,)); \
+	mileloss.mile_loss(z, y).backward(); assert torch.isfinite(z.grad).all(); print('api ok')"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
