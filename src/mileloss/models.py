@@ -21,13 +21,11 @@ import logging
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mileloss.errors import UnknownPresetError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRESETS", "ModelPreset", "build_model", "count_parameters", "model_config", "UnknownPresetError"]
-
-
-class UnknownPresetError(ValueError):
-    """The model preset name is not one of :data:`PRESETS`."""
 
 
 @dataclasses.dataclass(frozen=True)

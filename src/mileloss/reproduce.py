@@ -28,6 +28,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mileloss.errors import StageError
+
 log = logging.getLogger(__name__)
 
 LOSSES = ("ce", "focal", "mile")
@@ -35,14 +37,6 @@ COMMAND = "mileloss reproduce"
 SUMMARY = "reproduce.json"
 FOLDERS = ("data", "runs", "report")
 """What reproduce writes under ``--out``, besides :data:`SUMMARY`."""
-
-
-class StageError(ValueError):
-    """A stage (data, train, eval, report) failed; the message names the stage, ``__cause__`` is the error."""
-
-    def __init__(self, stage: str, error: BaseException):
-        super().__init__(f"{stage}: {error}")
-        self.stage = stage
 
 
 @contextlib.contextmanager

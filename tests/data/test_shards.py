@@ -13,7 +13,7 @@ from mileloss.data import (
     DataError,
     FileChecksumError,
     ManifestError,
-    OutputDirError,
+    OutputFolderError,
     ShardChecksumError,
     TokenizerMismatchError,
     load_manifest,
@@ -179,7 +179,7 @@ def test_two_documents_always_give_one_train_and_one_val_document(tmp_path, text
 def test_rerun_replaces_a_data_directory_only_with_overwrite_and_refuses_any_other_folder(tmp_path, corpus_dir):
     out = tmp_path / "data"
     prepare_corpus([corpus_dir], out, vocab_size=VOCAB, max_shard_tokens=500, progress=False)
-    with pytest.raises(OutputDirError, match="already holds mileloss data.*--overwrite"):
+    with pytest.raises(OutputFolderError, match="already holds mileloss data.*--overwrite"):
         prepare_corpus([corpus_dir], out, vocab_size=VOCAB, progress=False)
     assert len(list(out.glob("*.bin"))) > 2, "the refused run left the data as it was"
     manifest = prepare_corpus([corpus_dir], out, vocab_size=VOCAB, progress=False, overwrite=True)
@@ -189,7 +189,7 @@ def test_rerun_replaces_a_data_directory_only_with_overwrite_and_refuses_any_oth
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")
-    with pytest.raises(DataError, match="not a data folder written by `mileloss data`"):
+    with pytest.raises(OutputFolderError, match="not a data folder written by `mileloss data`"):
         prepare_corpus([corpus_dir], precious, vocab_size=VOCAB, progress=False, overwrite=True)
     assert (precious / "thesis.tex").read_text() == "do not delete"
 

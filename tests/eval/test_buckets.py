@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from mileloss.errors import BucketSpecError
 from mileloss.eval.buckets import frequency_buckets, parse_cut_points
-from mileloss.eval.errors import BucketSpecError
 
 
 def test_hand_example_assigns_types_by_cumulative_mass_before_them():

@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 
+from mileloss.errors import CheckpointError, EvalDataError, TokenizerMismatchError
 from mileloss.eval import evaluate
 from mileloss.eval.cli import main
-from mileloss.eval.errors import CheckpointError, EvalDataError, TokenizerMismatchError
 from tests.eval.fixtures import make_checkpoint, make_run_dir, make_tokenizer
 
 

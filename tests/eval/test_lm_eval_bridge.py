@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mileloss.eval.errors import BenchmarkFileError, UnknownTaskError
+from mileloss.errors import BenchmarkFileError, UnknownTaskError
 from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, TASK_PREFIX, TASKS, export_tasks, parse_task_list, run_lm_eval
 
 

@@ -36,10 +36,10 @@ from mileloss.data import (
     CorpusFetchError,
     CorpusFormatError,
     FileChecksumError,
+    FolderBusyError,
     IncompleteDataError,
     ManifestError,
-    OutputDirBusyError,
-    OutputDirError,
+    OutputFolderError,
     TokenBatchLoader,
     TokenizerError,
     TokenRangeError,
@@ -106,7 +106,7 @@ def test_folder_with_a_foreign_manifest_json_is_never_replaced(tmp_path, corpus,
         assert run_cli("--corpus", corpus, "--out", precious, *flags) == 2
         assert "not a data folder written by `mileloss data`" in one_line_error(capsys)
         assert snapshot(precious) == before
-    with pytest.raises(OutputDirError, match="nothing was changed"):
+    with pytest.raises(OutputFolderError, match="nothing was changed"):
         prepare_corpus([corpus], precious, vocab_size=VOCAB, progress=False, overwrite=True)
     assert snapshot(precious) == before
     assert leftovers(tmp_path, "p") == []
@@ -248,7 +248,7 @@ def test_second_run_into_the_same_out_is_refused_while_the_first_holds_the_lock(
     with OutputLock(out):
         assert run_cli("--corpus", corpus, "--out", out) == 2
         assert f"another `mileloss data` (pid {os.getpid()}) is writing" in one_line_error(capsys)
-        with pytest.raises(OutputDirBusyError):
+        with pytest.raises(FolderBusyError):
             prepare_corpus([corpus], out, vocab_size=VOCAB, progress=False)
         assert not out.exists()
     assert run_cli("--corpus", corpus, "--out", out) == 0

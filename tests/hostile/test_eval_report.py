@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from mileloss.errors import OutputFolderError
 from mileloss.eval import CheckpointError, evaluate
 from mileloss.eval.buckets import frequency_buckets
 from mileloss.eval.cli import main as eval_main
-from mileloss.eval.errors import OutputFolderError
 from mileloss.report import ReportError, write_report
 from mileloss.report.cli import main as report_main
 from mileloss.report.data_check import MixedDataError
@@ -528,7 +528,7 @@ def test_bad_reproduce_options_are_one_line_errors_before_any_stage(tmp_path, ca
 
 def test_reproduce_stage_error_is_one_line_naming_the_stage(tmp_path, capsys, monkeypatch):
     import mileloss.data
-    from mileloss.data.errors import ManifestError
+    from mileloss.errors import ManifestError
 
     def broken(*args, **kwargs):
         raise ManifestError("data/manifest.json: a named data error")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mileloss
-from mileloss.losses.errors import (
+from mileloss.errors import (
     DTypeError,
     NotATensorError,
     ParameterError,

@@ -23,10 +23,10 @@ import torch
 from mileloss.train import (
     CheckpointChecksumError,
     ConfigValueError,
+    FolderBusyError,
     NoCheckpointError,
+    OutputFolderError,
     ResumeMismatchError,
-    RunFolderBusyError,
-    RunFolderError,
     RunFolderNotEmptyError,
     TrainHooks,
     UnsafeCheckpointError,
@@ -154,7 +154,7 @@ def test_under_ddp_a_refusal_by_rank_0_stops_every_rank_without_a_hang(data_dir,
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "RunFolderNotEmptyError: run.out" in result.stderr  # rank 0
-    assert "RunFolderError: rank 0 could not claim run.out" in result.stderr  # rank 1, told by rank 0
+    assert "OutputFolderError: rank 0 could not claim run.out" in result.stderr  # rank 1, told by rank 0
     assert _tree(old_run) == before
 
 
@@ -167,7 +167,7 @@ def _write_lock(run_dir: Path, **record) -> Path:
 
 def test_a_lock_held_by_a_live_trainer_stops_a_second_one(data_dir, tmp_path):
     lock = _write_lock(tmp_path / "run", pid=os.getpid(), started=0.0)
-    with pytest.raises(RunFolderBusyError, match=rf"in use by mileloss train pid {os.getpid()} on ") as error:
+    with pytest.raises(FolderBusyError, match=rf"in use by mileloss train pid {os.getpid()} on ") as error:
         train(_config(data_dir, tmp_path / "run"))
     _one_line(error)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME] and "someone-else" in lock.read_text()
@@ -175,14 +175,14 @@ def test_a_lock_held_by_a_live_trainer_stops_a_second_one(data_dir, tmp_path):
 
 def test_a_lock_of_another_host_is_never_taken_over(data_dir, tmp_path):
     _write_lock(tmp_path / "run", pid=1, host="elsewhere.example")
-    with pytest.raises(RunFolderBusyError, match=r"pid 1 on elsewhere.example .*delete the lock"):
+    with pytest.raises(FolderBusyError, match=r"pid 1 on elsewhere.example .*delete the lock"):
         train(_config(data_dir, tmp_path / "run"))
 
 
 def test_an_empty_lock_is_reported_not_taken_over(data_dir, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / LOCK_NAME).write_text("")
-    with pytest.raises(RunFolderBusyError, match="empty or unreadable"):
+    with pytest.raises(FolderBusyError, match="empty or unreadable"):
         train(_config(data_dir, tmp_path / "run"))
 
 
@@ -206,7 +206,7 @@ def test_two_trainers_on_one_folder_and_a_kill_before_the_first_checkpoint(data_
     def second_trainer(pid: int) -> None:
         before = _tree(out)
         for kwargs in ({}, {"overwrite": True}, {"resume": True}):
-            with pytest.raises(RunFolderBusyError, match=rf"in use by mileloss train pid {pid} on ") as error:
+            with pytest.raises(FolderBusyError, match=rf"in use by mileloss train pid {pid} on ") as error:
                 train(load_config(None, args), **kwargs)
             seen.append(_one_line(error))
         assert _tree(out) == before  # its temporary files and logs untouched
@@ -238,7 +238,7 @@ def test_resume_and_overwrite_together_are_refused(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_main([*tiny_overrides(data_dir, tmp_path / "run"), "--resume", "--overwrite"])
     assert exit_info.value.code == 2 and "--resume and --overwrite contradict" in capsys.readouterr().err
-    with pytest.raises(RunFolderError, match="contradict"):
+    with pytest.raises(OutputFolderError, match="contradict"):
         train(_config(data_dir, tmp_path / "run"), resume=True, overwrite=True)
 
 
@@ -251,22 +251,22 @@ def test_run_out_may_not_be_the_current_folder_or_above(data_dir, tmp_path, monk
     monkeypatch.chdir(cwd)
     before = _tree(tmp_path)
     for overwrite in (False, True):
-        with pytest.raises(RunFolderError, match=r"run.out=.* is (the current folder|the filesystem root)"):
+        with pytest.raises(OutputFolderError, match=r"run.out=.* is (the current folder|the filesystem root)"):
             train(_config(data_dir, Path(out.format(cwd=cwd))), overwrite=overwrite)
     assert _tree(tmp_path) == before
 
 
 def test_run_out_that_is_a_file_or_below_a_file_or_unwritable(data_dir, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(RunFolderError, match=r"run.out='.*file' is a file, not a folder"):
+    with pytest.raises(OutputFolderError, match=r"run.out='.*file' is a file, not a folder"):
         train(_config(data_dir, tmp_path / "file"))
-    with pytest.raises(RunFolderError, match=r"run.out='.*file/run': .*file is a file, not a folder"):
+    with pytest.raises(OutputFolderError, match=r"run.out='.*file/run': .*file is a file, not a folder"):
         train(_config(data_dir, tmp_path / "file" / "run"))
     assert (tmp_path / "file").read_text() == "not a folder"
     # /sys refuses new entries even to root: a real unwritable place
-    with pytest.raises(RunFolderError, match=r"cannot create run.out /sys/mileloss-run: "):
+    with pytest.raises(OutputFolderError, match=r"cannot create run.out /sys/mileloss-run: "):
         train(_config(data_dir, Path("/sys/mileloss-run")))
-    with pytest.raises(RunFolderError, match=r"cannot write in run.out /sys/kernel: "):
+    with pytest.raises(OutputFolderError, match=r"cannot write in run.out /sys/kernel: "):
         train(_config(data_dir, Path("/sys/kernel")))
 
 

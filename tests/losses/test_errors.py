@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mileloss
-from mileloss.losses.errors import (
+from mileloss.errors import (
     DeviceError,
     DTypeError,
     NotATensorError,

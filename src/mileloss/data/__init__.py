@@ -10,18 +10,21 @@ only when a tokenizer is trained or loaded.
 """
 
 from mileloss.data.corpora import Corpus, Document
-from mileloss.data.errors import (
+from mileloss.data.loader import TokenBatchLoader, iter_eval_batches
+from mileloss.data.prepare import prepare_corpus
+from mileloss.data.shards import ShardManifest, load_manifest, read_split
+from mileloss.errors import (
     CorpusFetchError,
     CorpusFormatError,
     CorpusNotFoundError,
     DataError,
     EmptyCorpusError,
     FileChecksumError,
+    FolderBusyError,
     IncompleteDataError,
     LoaderStateError,
     ManifestError,
-    OutputDirBusyError,
-    OutputDirError,
+    OutputFolderError,
     ShardChecksumError,
     SplitTooShortError,
     TokenizerError,
@@ -29,9 +32,6 @@ from mileloss.data.errors import (
     TokenRangeError,
     UnsafeArchiveError,
 )
-from mileloss.data.loader import TokenBatchLoader, iter_eval_batches
-from mileloss.data.prepare import prepare_corpus
-from mileloss.data.shards import ShardManifest, load_manifest, read_split
 
 __all__ = [
     "Corpus",
@@ -54,8 +54,8 @@ __all__ = [
     "FileChecksumError",
     "TokenRangeError",
     "IncompleteDataError",
-    "OutputDirError",
-    "OutputDirBusyError",
+    "OutputFolderError",
+    "FolderBusyError",
     "UnsafeArchiveError",
     "SplitTooShortError",
     "LoaderStateError",

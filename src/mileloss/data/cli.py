@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 
-from mileloss.data.errors import DataError
 from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS
+from mileloss.errors import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:

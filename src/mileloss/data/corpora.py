@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mileloss.data.errors import CorpusFormatError, CorpusNotFoundError, EmptyCorpusError
+from mileloss.errors import CorpusFormatError, CorpusNotFoundError, EmptyCorpusError
 
 logger = logging.getLogger(__name__)
 

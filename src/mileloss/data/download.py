@@ -32,7 +32,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from mileloss.data.errors import CorpusFetchError
+from mileloss.errors import CorpusFetchError
 
 logger = logging.getLogger(__name__)
 

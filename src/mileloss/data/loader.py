@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from mileloss.data.errors import LoaderStateError, SplitTooShortError
 from mileloss.data.shards import as_manifest, read_split
+from mileloss.errors import LoaderStateError, SplitTooShortError
 
 
 def _num_windows(num_tokens: int, seq_len: int, split: str, manifest) -> int:

@@ -50,9 +50,9 @@ from pathlib import Path, PurePosixPath
 
 from mileloss.data.corpora import Document
 from mileloss.data.download import download_pinned, file_url
-from mileloss.data.errors import CorpusFetchError, CorpusFormatError, UnsafeArchiveError
 from mileloss.data.rdata import RVector, read_lazyload_database
 from mileloss.data.shards import file_sha256
+from mileloss.errors import CorpusFetchError, CorpusFormatError, UnsafeArchiveError
 
 logger = logging.getLogger(__name__)
 

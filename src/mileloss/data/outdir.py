@@ -3,7 +3,7 @@
 For ``--out DIR`` (a path ``PARENT/NAME``), ``mileloss data`` uses three siblings of ``DIR``:
 
 * ``PARENT/.NAME.lock``: held with ``flock`` for the whole run, so two runs into the same ``DIR``
-  cannot interleave: the second one stops at once with ``OutputDirBusyError``. The file is created
+  cannot interleave: the second one stops at once with ``FolderBusyError``. The file is created
   complete (written under a temporary name, then ``link``-ed into place) and holds a small JSON record;
   a lock file left by a killed run is not held by anyone, and the next run takes it over.
 * ``PARENT/.NAME.partial-PID``: everything is written here first. It holds ``.mileloss-partial``
@@ -41,8 +41,8 @@ import stat
 import tempfile
 from pathlib import Path
 
-from mileloss.data.errors import DataError, OutputDirBusyError, OutputDirError
 from mileloss.data.shards import MANIFEST_FILE, PARTIAL_MARKER, ShardManifest, file_sha256, read_manifest
+from mileloss.errors import DataError, FolderBusyError, OutputFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -56,40 +56,40 @@ def resolve_out(out: str | os.PathLike) -> Path:
     A symlink named as ``--out`` stands for the folder it points to (which must exist).
 
     Raises:
-        OutputDirError: empty, the root, the current folder or one of its parents, a file, or a
+        OutputFolderError: empty, the root, the current folder or one of its parents, a file, or a
             dangling symlink.
     """
     text = os.fspath(out)
     if not str(text).strip():
-        raise OutputDirError("--out is empty; name the data folder to write")
+        raise OutputFolderError("--out is empty; name the data folder to write")
     path = Path(os.path.abspath(Path(text).expanduser()))
     if path.is_symlink():
         target = path.resolve()
         if not target.is_dir():
-            raise OutputDirError(f"--out {text}: a symbolic link to {target}, which is not an existing folder")
+            raise OutputFolderError(f"--out {text}: a symbolic link to {target}, which is not an existing folder")
         path = target
     if path == Path(path.anchor):
-        raise OutputDirError(f"--out {text}: the file system root cannot be a data folder")
+        raise OutputFolderError(f"--out {text}: the file system root cannot be a data folder")
     path = path.parent.resolve() / path.name
     cwd = Path.cwd().resolve()
     if path == cwd or path in cwd.parents:
-        raise OutputDirError(
+        raise OutputFolderError(
             f"--out {text} is the current folder{'' if path == cwd else ' or holds it'}; "
             "name a new folder for the data (e.g. --out data/mine)"
         )
     if path.exists() and not path.is_dir():
-        raise OutputDirError(f"--out {text}: {path} is a file, not a folder; choose another --out")
+        raise OutputFolderError(f"--out {text}: {path} is a file, not a folder; choose another --out")
     for ancestor in path.parents:
         if ancestor.exists():
             if not ancestor.is_dir():
-                raise OutputDirError(f"--out {text}: {ancestor} is a file, so no folder can be made inside it")
+                raise OutputFolderError(f"--out {text}: {ancestor} is a file, so no folder can be made inside it")
             break
     return path
 
 
-def _os_error(error: OSError, doing: str) -> OutputDirError:
+def _os_error(error: OSError, doing: str) -> OutputFolderError:
     reason = error.strerror or type(error).__name__
-    return OutputDirError(f"cannot {doing}: {reason}{f' ({error.filename})' if error.filename else ''}")
+    return OutputFolderError(f"cannot {doing}: {reason}{f' ({error.filename})' if error.filename else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,8 +99,8 @@ def _os_error(error: OSError, doing: str) -> OutputDirError:
 class OutputLock:
     """``flock`` on ``PARENT/.NAME.lock`` for the life of a ``mileloss data`` run; see the module docstring.
 
-    Use as a context manager. Raises ``OutputDirBusyError`` if another live process holds it, and
-    ``OutputDirError`` if the lock file cannot be created or is not one of ours.
+    Use as a context manager. Raises ``FolderBusyError`` if another live process holds it, and
+    ``OutputFolderError`` if the lock file cannot be created or is not one of ours.
     """
 
     def __init__(self, out: Path):
@@ -138,7 +138,7 @@ class OutputLock:
             finally:
                 os.unlink(temporary)
             self._take_over_stale()
-        raise OutputDirBusyError(f"{self.path}: could not take the lock; another `mileloss data` keeps taking it")
+        raise FolderBusyError(f"{self.path}: could not take the lock; another `mileloss data` keeps taking it")
 
     def _new_locked_file(self) -> tuple[int, str]:
         """A complete lock record under a temporary name, already flock-ed (so never seen unlocked)."""
@@ -164,18 +164,19 @@ class OutputLock:
             return  # its owner just removed it: try again
         except OSError as error:
             if error.errno == errno.ELOOP:
-                raise OutputDirError(f"{self.path} is a symbolic link, not a mileloss lock file; remove it") from error
+                message = f"{self.path} is a symbolic link, not a mileloss lock file; remove it"
+                raise OutputFolderError(message) from error
             raise _os_error(error, f"read the lock file {self.path}") from error
         try:
             record = _read_record(fd)
             if record is None:
-                raise OutputDirError(
+                raise OutputFolderError(
                     f"{self.path} exists and was not written by `mileloss data`; remove it or choose another --out"
                 )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise OutputDirBusyError(
+                raise FolderBusyError(
                     f"another `mileloss data` (pid {record.get('pid')}) is writing {self.out} right now; "
                     "wait for it to finish, or choose another --out"
                 ) from None
@@ -342,24 +343,24 @@ def check_out(out: Path, overwrite: bool) -> ShardManifest | None:
     """What ``out`` holds now: ``None`` (absent or empty), or the manifest of a data directory we may replace.
 
     Raises:
-        OutputDirError: ``out`` is a file, a folder that is not ours, or ours without ``overwrite``.
+        OutputFolderError: ``out`` is a file, a folder that is not ours, or ours without ``overwrite``.
     """
     try:
         info = os.lstat(out)
     except FileNotFoundError:
         return None
     if not stat.S_ISDIR(info.st_mode):
-        raise OutputDirError(f"{out} is a file, not a folder; choose another --out")
+        raise OutputFolderError(f"{out} is a file, not a folder; choose another --out")
     if not any(os.scandir(out)):
         return None
     manifest, why = owned_data_dir(out)
     if manifest is None:
-        raise OutputDirError(
+        raise OutputFolderError(
             f"{out} exists and is not a data folder written by `mileloss data` ({why}); "
             "nothing was changed: choose another --out"
         )
     if not overwrite:
-        raise OutputDirError(
+        raise OutputFolderError(
             f"{out} already holds mileloss data (corpus {manifest.corpus!r}, vocab_size {manifest.vocab_size}); "
             "pass --overwrite to replace it, or choose another --out"
         )

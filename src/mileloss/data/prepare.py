@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from mileloss.data.corpora import Corpus
-from mileloss.data.errors import TokenizerError
 from mileloss.data.outdir import (
     OutputLock,
     check_out,
@@ -46,6 +45,7 @@ from mileloss.data.tokenizer import (
     train_tokenizer,
 )
 from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS, write_shards
+from mileloss.errors import TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,9 @@ def prepare_corpus(
         The new data directory's ``ShardManifest``.
 
     Raises:
-        OutputDirError: ``out_dir`` is unusable: a file, not ours, ours without ``overwrite``, the
+        OutputFolderError: ``out_dir`` is unusable: a file, not ours, ours without ``overwrite``, the
             current folder, unwritable.
-        OutputDirBusyError: another ``mileloss data`` is writing ``out_dir``.
+        FolderBusyError: another ``mileloss data`` is writing ``out_dir``.
         CorpusNotFoundError, EmptyCorpusError, CorpusFormatError, CorpusFetchError, TokenizerError.
     """
     started = time.perf_counter()

@@ -21,7 +21,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from mileloss.data.errors import CorpusFormatError
+from mileloss.errors import RDataError
 
 # SEXP type codes used below (R internals manual, "Serialization formats").
 NILSXP, SYMSXP, LISTSXP, CHARSXP = 0, 1, 2, 9
@@ -29,10 +29,6 @@ LGLSXP, INTSXP, REALSXP, STRSXP, VECSXP = 10, 13, 14, 16, 19
 REFSXP, NILVALUE_SXP = 255, 254
 IS_ATTR, HAS_TAG = 1 << 9, 1 << 10
 LATIN1_MASK, UTF8_MASK = 1 << 2, 1 << 3  # CHARSXP encoding bits, within the levels (flags >> 12)
-
-
-class RDataError(CorpusFormatError):
-    """The R data is not in the subset of the serialization format this reader understands."""
 
 
 @dataclass

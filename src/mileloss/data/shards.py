@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mileloss.data.errors import (
+from mileloss.data.tokenizer import tokenizer_vocab_size
+from mileloss.errors import (
     FileChecksumError,
     IncompleteDataError,
     ManifestError,
@@ -40,7 +41,6 @@ from mileloss.data.errors import (
     TokenizerMismatchError,
     TokenRangeError,
 )
-from mileloss.data.tokenizer import tokenizer_vocab_size
 
 logger = logging.getLogger(__name__)
 

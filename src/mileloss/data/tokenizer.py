@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mileloss.data.errors import TokenizerError
+from mileloss.errors import TokenizerError
 
 logger = logging.getLogger(__name__)
 

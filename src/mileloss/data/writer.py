@@ -23,7 +23,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mileloss.data.corpora import Document
-from mileloss.data.errors import EmptyCorpusError, TokenizerError
 from mileloss.data.shards import (
     SPLITS,
     TOKEN_COUNTS_FILE,
@@ -35,6 +34,7 @@ from mileloss.data.shards import (
     write_atomic,
 )
 from mileloss.data.tokenizer import encode_batch
+from mileloss.errors import EmptyCorpusError, TokenizerError
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,7 @@
 Only light modules are imported here; lm-eval and transformers are imported when a function needs them.
 """
 
-from mileloss.eval.buckets import DEFAULT_CUT_POINTS, BucketDescription, FrequencyBuckets, frequency_buckets
-from mileloss.eval.errors import (
+from mileloss.errors import (
     BenchmarkFileError,
     BucketSpecError,
     CheckpointError,
@@ -12,6 +11,7 @@ from mileloss.eval.errors import (
     TokenizerMismatchError,
     UnknownTaskError,
 )
+from mileloss.eval.buckets import DEFAULT_CUT_POINTS, BucketDescription, FrequencyBuckets, frequency_buckets
 from mileloss.eval.lm_eval_bridge import COMMONSENSE_TASKS, DEFAULT_TASKS, TASKS, run_lm_eval
 from mileloss.eval.perplexity import evaluate_perplexity, expected_calibration_error, summarize_token_statistics
 from mileloss.eval.pipeline import evaluate

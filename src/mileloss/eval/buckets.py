@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mileloss.eval.errors import BucketSpecError
+from mileloss.errors import BucketSpecError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import math
 import re
 from pathlib import Path
 
-from mileloss.eval.errors import CheckpointError, EvalArgumentError, EvalDataError, TokenizerMismatchError
+from mileloss.errors import CheckpointError, EvalArgumentError, EvalDataError, TokenizerMismatchError
 
 logger = logging.getLogger(__name__)
 

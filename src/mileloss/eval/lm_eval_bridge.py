@@ -32,8 +32,8 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mileloss.errors import BenchmarkFileError, UnknownTaskError
 from mileloss.eval.checkpoint import check_pickled_weights, resolve_checkpoint
-from mileloss.eval.errors import BenchmarkFileError, UnknownTaskError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Each command may write into a new folder, an empty one, or one that holds only what the same command wrote
 there before (recognised by ``owns``). Anything else (``--out .`` in a project, ``--out`` naming a file, a
-folder of someone else's files) is an :class:`~mileloss.eval.errors.OutputFolderError` with a one-line message;
+folder of someone else's files) is an :class:`~mileloss.errors.OutputFolderError` with a one-line message;
 nothing is overwritten or deleted that the command did not write.
 """
 
@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from mileloss.eval.errors import OutputFolderError
+from mileloss.errors import OutputFolderError
 
 __all__ = ["check_output_folder", "create_output_folder", "read_json_object", "write_atomic"]
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mileloss.errors import CheckpointError
 from mileloss.eval.buckets import FrequencyBuckets
-from mileloss.eval.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def head_token_statistics(
     return {
         "ce": stats.ce.double().cpu().numpy(),
         "entropy": stats.entropy.double().clamp_min(0).cpu().numpy(),
-        "weight": stats.weight.double().cpu().numpy(),
+        "weight": stats.log_weight.double().exp().cpu().numpy(),  # float64: w overflows float32 at large gamma
         "confidence": confidence.cpu().numpy(),
         "correct": (argmax == targets).cpu().numpy(),
     }

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from mileloss.errors import CheckpointError, EvalArgumentError, EvalDataError, OutputFolderError
 from mileloss.eval.buckets import DEFAULT_CUT_POINTS, frequency_buckets, parse_cut_points
 from mileloss.eval.checkpoint import (
     Checkpoint,
@@ -28,7 +29,6 @@ from mileloss.eval.checkpoint import (
     torch_dtype,
 )
 from mileloss.eval.data_identity import data_identity
-from mileloss.eval.errors import CheckpointError, EvalArgumentError, EvalDataError, OutputFolderError
 from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, parse_task_list, run_lm_eval
 from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
 from mileloss.eval.perplexity import evaluate_perplexity

@@ -28,8 +28,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from mileloss.errors import ParameterError, WeightRangeError
 from mileloss.losses.autograd import TokenStats
-from mileloss.losses.errors import ParameterError, WeightRangeError
 
 # the smallest largest-weight of a step (relative to exp(c)) whose float32 gradients keep their precision
 MIN_LOG_WEIGHT = -64 * math.log(2.0)

@@ -58,9 +58,7 @@ import operator
 
 import torch
 
-from mileloss.losses.autograd import TokenStats, TokenWeightedLossFunction, _forward
-from mileloss.losses.chunked import LossSpec
-from mileloss.losses.errors import (
+from mileloss.errors import (
     DeviceError,
     DTypeError,
     NotATensorError,
@@ -68,6 +66,8 @@ from mileloss.losses.errors import (
     ShapeError,
     TargetRangeError,
 )
+from mileloss.losses.autograd import TokenStats, TokenWeightedLossFunction, _forward
+from mileloss.losses.chunked import LossSpec
 from mileloss.losses.weights import WEIGHTINGS, log_weight_shift
 
 REDUCTIONS = ("mean", "sum", "none")

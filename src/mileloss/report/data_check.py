@@ -13,14 +13,11 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from mileloss.errors import MixedDataError
 from mileloss.eval.data_identity import data_identity, describe_differences
-from mileloss.report.runs import ReportError, RunRecord
+from mileloss.report.runs import RunRecord
 
 __all__ = ["DataCheck", "MixedDataError", "check_same_data"]
-
-
-class MixedDataError(ReportError):
-    """Runs trained or evaluated on different data (the message names two runs and what differs)."""
 
 
 @dataclasses.dataclass(frozen=True)

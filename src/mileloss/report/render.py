@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mileloss.eval.errors import OutputFolderError
+from mileloss.errors import OutputFolderError
 from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
 from mileloss.report.data_check import DataCheck, check_same_data
 from mileloss.report.plots import FIGURES, write_plots

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from mileloss.errors import EmptyRunError, ReportError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["EmptyRunError", "ReportError", "RunGroup", "RunRecord", "group_runs", "load_run"]
@@ -21,14 +23,6 @@ __all__ = ["EmptyRunError", "ReportError", "RunGroup", "RunRecord", "group_runs"
 # config keys that do not change what a run learns: runs differing only here (and in seed) are one group
 NON_SEMANTIC_KEYS = {"run.seed", "run.out", "run.device", "run.progress", "run.num_threads", "run.log_every",
                      "run.checkpoint_every", "run.keep_checkpoints", "data.verify_checksums"}
-
-
-class ReportError(ValueError):
-    """A run folder cannot be reported."""
-
-
-class EmptyRunError(ReportError):
-    """The folder is not a training run: it has neither ``metrics.jsonl`` nor ``config.yaml``."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from mileloss.train.config import (
 )
 from mileloss.train.loop import NonFiniteLossError, TrainHooks, train
 from mileloss.train.preflight import PreflightError, ResumeMismatchError, VocabMismatchError
-from mileloss.train.rundir import NoCheckpointError, RunFolderBusyError, RunFolderError, RunFolderNotEmptyError
+from mileloss.train.rundir import FolderBusyError, NoCheckpointError, OutputFolderError, RunFolderNotEmptyError
 
 __all__ = [
     "CheckpointChecksumError",
@@ -36,8 +36,8 @@ __all__ = [
     "PreflightError",
     "ResumeMismatchError",
     "RunConfig",
-    "RunFolderBusyError",
-    "RunFolderError",
+    "FolderBusyError",
+    "OutputFolderError",
     "RunFolderNotEmptyError",
     "TrainConfig",
     "TrainHooks",

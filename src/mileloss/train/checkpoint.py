@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mileloss.errors import CheckpointChecksumError, CheckpointError, UnsafeCheckpointError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -63,18 +65,6 @@ _BLOCK = 16 * 2**20
 # (stage, path): "payload_written" once the temporary .pt is complete and fsynced (path: the temporary file);
 # "record_written" once the record is in place but the .pt not yet renamed (path: the record).
 StageCallback = Callable[[str, Path], None]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not belong to this run."""
-
-
-class CheckpointChecksumError(CheckpointError):
-    """A checkpoint whose size or sha256 differs from its record: truncated or corrupted on disk."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint that holds more than plain data (objects the safe unpickler refuses to build)."""
 
 
 def rng_state() -> dict[str, Any]:

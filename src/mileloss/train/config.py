@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from mileloss.errors import ConfigError, ConfigKeyError, ConfigValueError
+
 __all__ = [
     "ConfigError",
     "ConfigKeyError",
@@ -36,18 +38,6 @@ __all__ = [
     "load_config",
     "parse_override_args",
 ]
-
-
-class ConfigError(ValueError):
-    """Base class of configuration errors."""
-
-
-class ConfigKeyError(ConfigError):
-    """A config key that does not exist."""
-
-
-class ConfigValueError(ConfigError):
-    """A config value of the wrong type or out of range."""
 
 
 def _check(condition: bool, key: str, message: str) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from mileloss.errors import NonFiniteLossError
 from mileloss.losses import WeightNormalizer, linear_token_weighted_loss
 from mileloss.models import build_model
 from mileloss.train.checkpoint import (
@@ -69,10 +70,6 @@ class TrainHooks:
     """``(step)`` after the step is logged, evaluated and checkpointed."""
     checkpoint_stage: StageCallback | None = None
     """``(stage, path)`` inside each checkpoint write, on the main process (see ``checkpoint.StageCallback``)."""
-
-
-class NonFiniteLossError(ValueError):
-    """The training loss became NaN or infinite; the run stops before the optimizer step."""
 
 
 class LanguageModelLoss(torch.nn.Module):
@@ -232,7 +229,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, ho
         hooks: optional callbacks (see :class:`TrainHooks`).
 
     Raises:
-        RunFolderError: ``run.out`` is busy (another trainer), not empty without ``overwrite``, holds foreign files
+        OutputFolderError: ``run.out`` is busy (another trainer), not empty without ``overwrite``, holds foreign files
             with ``overwrite``, has no checkpoint with ``resume``, or cannot be written.
         CheckpointError: the checkpoint to resume from is unreadable, corrupted or unsafe.
         NonFiniteLossError: the loss became NaN/inf (the newest checkpoint on disk stays valid).

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from mileloss.errors import PreflightError, ResumeMismatchError, VocabMismatchError
 from mileloss.models import get_preset
 from mileloss.train.config import TrainConfig
 from mileloss.train.distributed import DistributedContext
@@ -27,18 +28,6 @@ from mileloss.train.rundir import check_out_path
 logger = logging.getLogger(__name__)
 
 __all__ = ["PreflightError", "VocabMismatchError", "ResumeMismatchError", "PreparedRun", "prepare_run"]
-
-
-class PreflightError(ValueError):
-    """The run cannot start: the message names the file or config key at fault."""
-
-
-class VocabMismatchError(PreflightError):
-    """The model's vocabulary (config or tokenizer) differs from the data manifest's."""
-
-
-class ResumeMismatchError(PreflightError):
-    """``--resume`` found a checkpoint written with a different configuration."""
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 One trainer at a time: the main process holds ``RUN_DIR/.mileloss-train.lock`` for the whole run. The lock is
 created with ``O_CREAT | O_EXCL`` and holds ``{"pid", "host", "started", "token"}``. A second trainer aiming at
-the same folder stops with :class:`RunFolderBusyError` naming the holder. A lock left by a killed trainer (its pid
+the same folder stops with :class:`FolderBusyError` naming the holder. A lock left by a killed trainer (its pid
 is gone, same host) is taken over with a warning; a lock from another host is never taken over (its pid cannot be
 checked here): the message says to delete it if that trainer is gone.
 
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mileloss.errors import FolderBusyError, NoCheckpointError, OutputFolderError, RunFolderNotEmptyError
 from mileloss.train.checkpoint import _NAME, _RECORD_NAME, _TEMPORARY, checkpoint_steps, incomplete_steps
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LOCK_NAME",
     "NoCheckpointError",
-    "RunFolderBusyError",
-    "RunFolderError",
+    "FolderBusyError",
+    "OutputFolderError",
     "RunFolderNotEmptyError",
     "RunLock",
     "check_out_path",
@@ -77,41 +78,25 @@ _SUBDIRS = {CHECKPOINT_DIR: _CHECKPOINT_NAMES, "tensorboard": _TENSORBOARD_NAMES
 _METRIC_KINDS = ("train", "val")
 
 
-class RunFolderError(ValueError):
-    """``run.out`` cannot be used: the message names the folder and what to do."""
-
-
-class RunFolderBusyError(RunFolderError):
-    """Another trainer holds the run folder's lock."""
-
-
-class RunFolderNotEmptyError(RunFolderError):
-    """A fresh run aimed at a folder that already holds something."""
-
-
-class NoCheckpointError(RunFolderError):
-    """``--resume`` found no complete checkpoint to continue from."""
-
-
 def check_out_path(out: str | os.PathLike) -> Path:
     """``run.out`` as a path, refusing a file, the root, and the current folder or any folder above it.
 
     Raises:
-        RunFolderError: naming ``run.out`` and its value.
+        OutputFolderError: naming ``run.out`` and its value.
     """
     path = Path(out).expanduser()  # "~/runs/x" from a YAML file means the home folder, not a folder named "~"
     resolved = path.resolve()
     if resolved == Path(resolved.anchor):
-        raise RunFolderError(f"run.out={str(out)!r} is the filesystem root; name a run folder such as runs/NAME")
+        raise OutputFolderError(f"run.out={str(out)!r} is the filesystem root; name a run folder such as runs/NAME")
     cwd = Path.cwd().resolve()
     if cwd == resolved or resolved in cwd.parents:
-        raise RunFolderError(f"run.out={str(out)!r} is the current folder or one above it ({resolved}); a run "
+        raise OutputFolderError(f"run.out={str(out)!r} is the current folder or one above it ({resolved}); a run "
                              f"folder is written and pruned by mileloss: name one such as runs/NAME")
     if path.exists() and not path.is_dir():
-        raise RunFolderError(f"run.out={str(out)!r} is a file, not a folder; choose another run.out")
+        raise OutputFolderError(f"run.out={str(out)!r} is a file, not a folder; choose another run.out")
     for parent in resolved.parents:
         if parent.exists() and not parent.is_dir():
-            raise RunFolderError(f"run.out={str(out)!r}: {parent} is a file, not a folder; choose another run.out")
+            raise OutputFolderError(f"run.out={str(out)!r}: {parent} is a file, not a folder; choose another run.out")
     return path
 
 
@@ -174,7 +159,7 @@ class RunLock:
             if record != {}:
                 return record
             time.sleep(0.1)  # created with O_EXCL but not yet written by its owner
-        raise RunFolderBusyError(
+        raise FolderBusyError(
             f"the lock {self.path} is empty or unreadable (a trainer killed while taking it?); if no trainer is "
             f"writing {self.path.parent}, delete the lock and run again"
         )
@@ -189,8 +174,8 @@ class RunLock:
         """Create the lock, or take over a stale one of this host.
 
         Raises:
-            RunFolderBusyError: another live trainer (or one on another host) holds it.
-            RunFolderError: the folder is not writable.
+            FolderBusyError: another live trainer (or one on another host) holds it.
+            OutputFolderError: the folder is not writable.
         """
         host = socket.gethostname()
         for _ in range(5):
@@ -201,26 +186,26 @@ class RunLock:
                 if holder is None:
                     continue  # released meanwhile
                 if holder["host"] != host:
-                    raise RunFolderBusyError(
+                    raise FolderBusyError(
                         f"{self.path.parent} is locked by mileloss train {self._describe(holder)} (lock "
                         f"{self.path}); if that trainer is gone, delete the lock and run again"
                     ) from None
                 if _alive(holder["pid"], holder.get("start")):
-                    raise RunFolderBusyError(
+                    raise FolderBusyError(
                         f"{self.path.parent} is in use by mileloss train {self._describe(holder)}; wait for it to "
                         f"finish or stop it (lock {self.path})"
                     ) from None
                 self._take_over(holder)
                 continue
             except OSError as error:
-                raise RunFolderError(f"cannot write in run.out {self.path.parent}: {error.strerror}") from None
+                raise OutputFolderError(f"cannot write in run.out {self.path.parent}: {error.strerror}") from None
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(json.dumps(self._content()) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
             self.held = True
             return
-        raise RunFolderBusyError(f"could not take the lock {self.path}: other trainers keep taking it")
+        raise FolderBusyError(f"could not take the lock {self.path}: other trainers keep taking it")
 
     def _take_over(self, stale: dict) -> None:
         """Move the stale lock aside; if what was moved is not the lock judged stale, put it back and refuse."""
@@ -234,7 +219,7 @@ class RunLock:
             with contextlib.suppress(FileExistsError):
                 os.link(aside, self.path)  # a live lock taken over by another trainer meanwhile: restore it
             aside.unlink(missing_ok=True)
-            raise RunFolderBusyError(f"{self.path.parent} was just locked by another trainer "
+            raise FolderBusyError(f"{self.path.parent} was just locked by another trainer "
                                      f"({self._describe(moved)})")
         aside.unlink(missing_ok=True)
         logger.warning("taking over the stale lock %s of mileloss train %s (that process is gone)", self.path,
@@ -365,10 +350,10 @@ def claim_run_folder(run_dir: Path, context, device: torch.device, resume: bool,
     Returns the held lock on rank 0 (release it when the run ends), ``None`` on other ranks.
 
     Raises:
-        RunFolderError and subclasses: the folder cannot be used (on every rank).
+        OutputFolderError and subclasses: the folder cannot be used (on every rank).
     """
     if resume and overwrite:
-        raise RunFolderError("--resume and --overwrite contradict each other: choose one")
+        raise OutputFolderError("--resume and --overwrite contradict each other: choose one")
     if resume and not run_dir.is_dir():
         raise NoCheckpointError(f"--resume: run.out {run_dir} does not exist; start a fresh run without --resume")
     lock, failure = None, None
@@ -377,7 +362,7 @@ def claim_run_folder(run_dir: Path, context, device: torch.device, resume: bool,
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise RunFolderError(f"cannot create run.out {run_dir}: {error.strerror}") from None
+                raise OutputFolderError(f"cannot create run.out {run_dir}: {error.strerror}") from None
             lock = RunLock(run_dir)
             lock.acquire()
             _prepare_contents(run_dir, resume, overwrite)
@@ -388,7 +373,7 @@ def claim_run_folder(run_dir: Path, context, device: torch.device, resume: bool,
     if context.world_size > 1:  # every rank learns whether rank 0 could claim the folder
         flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
         if context.all_reduce_sum(flag).item() > 0 and failure is None:
-            raise RunFolderError(f"rank 0 could not claim run.out {run_dir} (its log says why)")
+            raise OutputFolderError(f"rank 0 could not claim run.out {run_dir} (its log says why)")
     if failure is not None:
         raise failure
     return lock
