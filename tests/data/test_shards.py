@@ -10,7 +10,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from mileloss.data import (
-    DataError,
     FileChecksumError,
     ManifestError,
     OutputFolderError,
