@@ -1,6 +1,6 @@
 """Loss-engine benchmark: forward+backward time and peak memory as ratios to a baseline from the same run.
 
-    python benchmarks/bench_loss.py                      # full protocol (~15 min on 2 CPU cores)
+    python benchmarks/bench_loss.py                      # full protocol (~40 min on 2 quiet CPU cores)
     python benchmarks/bench_loss.py --quick              # small shapes, a smoke run (~1 min)
     python benchmarks/bench_loss.py --markdown docs/benchmarks_table.md --csv docs/bench_loss.csv
 
@@ -9,8 +9,9 @@ Protocol (docs/benchmarks.md): fp32, identical seeded inputs, ~6% of targets ign
   gradients are compared with a float64 oracle written in this file (``oracle_loss``), independently of both
   mileloss and the timed naive variant (b); a variant that fails is not timed or reported.
 * Time: 1 warm-up, then R forward+backward repetitions, variants interleaved (ABC ABC ...), median and min.
-* Peak memory: each variant in a fresh subprocess; ru_maxrss after one forward+backward minus ru_maxrss after
-  building the inputs, i.e. every temporary and gradient the loss creates (inputs excluded).
+* Peak memory: each variant in a fresh subprocess; the kernel's high-water mark (VmHWM, reset through
+  /proc/self/clear_refs once the inputs are built) after one forward+backward, minus the resident size at the
+  reset: every temporary and gradient the loss creates (inputs excluded).
 """
 
 from __future__ import annotations
