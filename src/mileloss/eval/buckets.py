@@ -1,8 +1,8 @@
 """Frequency buckets of token types, cut by cumulative share of training-set occurrences.
 
 Our reading of the paper's 80% / 5% split (Su et al. 2024; the project's notes on the paper are
-shared/docs/paper.md): rank the token types by their training-set count (descending, ties broken by token id), walk down the ranking accumulating occurrences, and
-cut the cumulative mass at ``80%`` and ``95%``:
+shared/docs/paper.md): rank the token types by their training-set count (descending, ties broken by token id),
+walk down the ranking accumulating occurrences, and cut the cumulative mass at ``80%`` and ``95%``:
 
     high   = the smallest prefix of the ranking that covers >= 80% of all training occurrences
     medium = the next types, up to the smallest prefix covering >= 95%
