@@ -93,7 +93,8 @@ def token_weighted_loss_reference(logits, targets, weighting="mile", gamma=1.0, 
 # Transcribed, formula by formula (not copied), from the classes ``InfoEntropyLoss`` (MiLe) and ``FocalLoss``
 # of ``utils/trainer.py`` in github.com/suu990901/LLaMA-MiLe-Loss. The notes on the paper
 # (shared/docs/paper.md) record commit e4a2edb (abbreviated, as given there) for the released code; the
-# transcription was checked against the copy of utils/trainer.py at commit 4930a02fedff9c35e74c859df20456175cb7a994 of that repository. Per position:
+# transcription was checked against the copy of utils/trainer.py at commit
+# 4930a02fedff9c35e74c859df20456175cb7a994 of that repository. Per position:
 #   ce   = CrossEntropyLoss(reduction="none", ignore_index=-100): 0 at ignored positions
 #   MiLe: probs = clamp(softmax(detached logits), 1e-8, 1); H = sum(-probs * log probs); w = (sigma + H)^gamma,
 #         sigma = 1 hard-coded there (a parameter here)
