@@ -79,6 +79,10 @@ class UnknownPresetError(ConfigError):
     """The model preset name is not one of ``mileloss.models.PRESETS``."""
 
 
+class ConfigNotFoundError(ConfigError):
+    """A config argument that is neither an existing file nor the name of a packaged config (``tiny``, ...)."""
+
+
 class BucketSpecError(ConfigError):
     """Bad ``--buckets`` cut points or an unusable token-count array."""
 

@@ -1,10 +1,14 @@
 """Training configuration: dataclasses loaded from YAML with ``key.sub=value`` overrides.
 
 A config file has one mapping per section (``model``, ``data``, ``loss``, ``optim``, ``run``); every field
-has a default, documented by the docstring under it. Overrides come from the command line::
+has a default, documented by the docstring under it. The presets ship inside the package
+(``mileloss/configs/<name>.yaml``: tiny, small, 468M, 1.2B, 6.7B) and are named without a path; a path to a
+YAML file of one's own works the same way (an existing file wins over a preset of the same name). Overrides
+come from the command line::
 
-    mileloss train configs/tiny.yaml loss.kind=mile loss.gamma=0.5 run.out=runs/mile
-    mileloss train --config configs/tiny.yaml --run.max_steps 200
+    mileloss train tiny loss.kind=mile loss.gamma=0.5 run.out=runs/mile
+    mileloss train --config tiny --run.max_steps 200
+    mileloss train my-tiny.yaml run.out=runs/mine
 
 An unknown key is a :class:`ConfigKeyError` naming the nearest valid key; a value out of range is a
 :class:`ConfigValueError` naming the key.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import re
 import typing
@@ -22,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from mileloss.errors import ConfigError, ConfigKeyError, ConfigValueError
+from mileloss.errors import ConfigError, ConfigKeyError, ConfigNotFoundError, ConfigValueError
 
 __all__ = [
     "ConfigError",
@@ -34,8 +39,12 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
+    "ConfigNotFoundError",
     "apply_overrides",
+    "config_presets",
     "load_config",
+    "preset_config_path",
+    "resolve_config",
     "parse_override_args",
 ]
 
@@ -413,22 +422,76 @@ def _parse_override(key: str, text: Any) -> Any:
         raise ConfigValueError(f"{key}: cannot read {text!r} ({reason})") from None
 
 
+PRESET_CONFIG_PACKAGE = "mileloss"
+PRESET_CONFIG_FOLDER = "configs"
+"""The packaged presets live in ``mileloss/configs/<name>.yaml`` (package data, in the wheel)."""
+
+
+def _preset_folder():
+    return importlib.resources.files(PRESET_CONFIG_PACKAGE) / PRESET_CONFIG_FOLDER
+
+
+def config_presets() -> list[str]:
+    """The names of the configs shipped inside the package (``tiny``, ``small``, ``468M``, ``1.2B``, ``6.7B``)."""
+    folder = _preset_folder()
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def preset_config_path(name: str) -> Path:
+    """The packaged YAML file of preset ``name`` (``tiny`` or ``tiny.yaml``).
+
+    Raises:
+        ConfigNotFoundError: listing the packaged presets.
+    """
+    stem = str(name).removesuffix(".yaml")
+    presets = config_presets()
+    if stem not in presets:
+        raise ConfigNotFoundError(f"config {name!r} is neither a file nor a packaged preset; "
+                                 f"presets: {', '.join(presets) or '(none installed)'}, or give a path to a YAML file")
+    return Path(str(_preset_folder() / f"{stem}.yaml"))  # a wheel installs package data as plain files
+
+
+def _looks_like_a_path(name: str) -> bool:
+    return "/" in name or "\\" in name or name.startswith(("~", ".")) or (
+        name.endswith((".yaml", ".yml")) and name.removesuffix(".yaml") not in config_presets())
+
+
+def resolve_config(path: str | Path) -> Path:
+    """An existing file as given; else the packaged preset of that name.
+
+    Raises:
+        ConfigNotFoundError: a path (with a folder or a ``.yaml``/``.yml`` suffix) that does not exist, or a bare
+            name that is no packaged preset; the message lists the presets.
+    """
+    if Path(path).is_file():
+        return Path(path)
+    name = str(path)
+    if isinstance(path, Path) or _looks_like_a_path(name):
+        presets = ", ".join(config_presets())
+        raise ConfigNotFoundError(f"config file not found: {path} (the packaged presets are named without a path: "
+                                  f"{presets})")
+    return preset_config_path(name)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, str] | list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or start from the defaults), apply overrides and validate.
 
     Args:
-        path: YAML file with sections model/data/loss/optim/run; ``None`` uses the defaults.
+        path: YAML file with sections model/data/loss/optim/run, or the name of a packaged preset
+            (:func:`config_presets`: ``tiny``, ``small``, ...); an existing file wins over a preset of the same
+            name. ``None`` uses the defaults.
         overrides: ``{"loss.kind": "mile"}`` or a list such as ``["loss.kind=mile", "--run.seed", "3"]``.
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
+        ConfigNotFoundError: ``path`` is neither an existing file nor a packaged preset (the message lists them).
         ConfigKeyError, ConfigValueError: unknown key / bad value, naming the key.
     """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        path = resolve_config(path)
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
