@@ -1,30 +1,121 @@
-"""``mileloss`` command line: one verb, one library entry point.
+"""``mileloss <verb>``: dispatch, logging and one error policy for every verb.
 
-Each verb lives in its own module and exposes ``main(argv: list[str]) -> int``; this file only
-dispatches, importing the verb's module lazily so that ``mileloss --help`` stays fast and the loss
-library never pulls in transformers.
+Each verb's module exposes ``build_parser()`` and ``run(args) -> int`` (and may expose ``parse(parser, argv)``);
+it raises, and this module turns what it raised into an exit status and one line on stderr.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
+import logging
+import os
 import sys
 
-# verb -> (module with a ``main(argv)``, one-line help)
-VERBS: dict[str, tuple[str, str]] = {
-    "data": ("mileloss.data.cli", "prepare a corpus: tokenizer, token shards, manifest"),
-    "train": ("mileloss.train.cli", "pretrain a LLaMA-style model with CE, focal or MiLe loss"),
-    "eval": ("mileloss.eval.cli", "frequency-bucket perplexity and downstream benchmarks"),
-    "report": ("mileloss.report.cli", "Markdown/HTML report with plots comparing runs"),
-    "reproduce": ("mileloss.reproduce", "data + CE/focal/MiLe training + eval + report, end to end"),
+EXIT_CODES = """exit status:
+  0    success
+  1    the run failed: an I/O error (disk full, permission denied, a file gone) or out of memory;
+       what was written is complete, and running the same command again continues or retries
+  2    something you must fix: a wrong option, config key, input file or folder (one line says which)
+  130  interrupted (Ctrl-C); files already written are complete
+  Errors are one line, `mileloss <verb>: error: <message>`; anything else prints a traceback (a bug: report it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Verb:
+    module: str
+    help: str
+    again: str = "run the same command again"
+    """What to do after an interruption or an I/O error."""
+    smaller: str = "use a smaller model or batch"
+    """What to do after running out of memory."""
+
+
+VERBS = {
+    "data": Verb("mileloss.data.cli", "prepare a corpus: tokenizer, token shards, manifest",
+                 "--out is as it was; run the same command again"),
+    "train": Verb("mileloss.train.cli", "pretrain a LLaMA-style model with CE, focal or MiLe loss",
+                  "checkpoints written so far are complete: continue with --resume",
+                  "reduce run.batch_size, run.seq_len or the model size"),
+    "eval": Verb("mileloss.eval.cli", "frequency-bucket perplexity and downstream benchmarks",
+                 "files already written are complete, nothing is half-written", "reduce --batch-size or --seq-len"),
+    "report": Verb("mileloss.report.cli", "Markdown/HTML report with plots comparing runs",
+                   "run it again to write the whole report"),
+    "reproduce": Verb("mileloss.reproduce", "data + CE/focal/MiLe training + eval + report, end to end",
+                      "run the same command again to resume where it stopped",
+                      "use a smaller --budget or --device cpu"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: mileloss [--version] <verb> [args...]", "", "verbs:"]
-    lines += [f"  {verb:<10} {help_text}" for verb, (_, help_text) in VERBS.items()]
-    lines += ["", "Run `mileloss <verb> --help` for the verb's options."]
+    lines += [f"  {name:<10} {verb.help}" for name, verb in VERBS.items()]
+    lines += ["", "Run `mileloss <verb> --help` for the verb's options.", "", EXIT_CODES]
     return "\n".join(lines)
+
+
+def setup_logging(quiet: bool = False, verbose: int = 0) -> None:
+    """One format for every verb: INFO by default, WARNING with --quiet (and on DDP ranks > 0), DEBUG with -v."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if quiet or int(os.environ.get("RANK", "0")) != 0:
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
+    return (bool(oom) and isinstance(error, oom)) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
+
+
+def _failure(error: BaseException, verb: Verb) -> tuple[int, str] | None:
+    """``(exit status, message)`` for an error of the policy in :data:`EXIT_CODES`; None for a bug."""
+    from mileloss.errors import MileLossError, StageError
+
+    cause = error.__cause__ if isinstance(error, StageError) else None
+    if isinstance(error, OSError) or isinstance(cause, OSError):
+        failed = cause if isinstance(cause, OSError) else error
+        where = f" ({failed.filename})" if failed.filename and cause is None else ""
+        text = str(error) if cause is not None or not failed.strerror else failed.strerror
+        return 1, f"{text}{where}; {verb.again}"
+    if isinstance(error, MileLossError):
+        return 2, str(error)
+    if isinstance(error, ModuleNotFoundError):
+        return 2, f"{error}; install the missing package"
+    if _out_of_memory(error):
+        return 1, f"out of memory ({' '.join(str(error).split())[:300]}): {verb.smaller}"
+    return None
+
+
+def run_verb(name: str, argv: list[str]) -> int:
+    """Parse ``argv`` with the verb's parser, set up logging, run it, and apply the error policy."""
+    verb = VERBS[name]
+    module = importlib.import_module(verb.module)
+    parser = module.build_parser()
+    if not any("--quiet" in action.option_strings for action in parser._actions):
+        parser.add_argument("--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log debug messages too")
+    parser.epilog = f"{parser.epilog}\n\n{EXIT_CODES}" if parser.epilog else EXIT_CODES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    # argparse raises SystemExit itself: 0 after --help, 2 after a usage error (its message already printed)
+    args = module.parse(parser, argv) if hasattr(module, "parse") else parser.parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"mileloss {name}: {rank}interrupted; {verb.again}", file=sys.stderr)
+        return 130
+    except Exception as error:
+        failure = _failure(error, verb)
+        if failure is None:
+            raise  # a bug: keep the traceback
+        print(f"mileloss {name}: error: {rank}{failure[1]}", file=sys.stderr)  # on every rank
+        return failure[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"mileloss {__version__}")
         return 0
-    verb, rest = argv[0], argv[1:]
-    if verb not in VERBS:
-        print(f"mileloss: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+    if argv[0] not in VERBS:
+        print(f"mileloss: unknown verb {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
-    return int(module.main(rest) or 0)
+    return run_verb(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

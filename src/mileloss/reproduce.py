@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mileloss.errors import StageError
+from mileloss.errors import ConfigError, DataError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +101,16 @@ def run_name(corpus: str, loss: str, seed: int) -> str:
     return f"{Path(corpus).name}-{loss}-s{seed}"
 
 
-def train_overrides(budget: Budget, data_dir: Path, run_dir: Path, loss: str, seed: int, device: str | None):
-    overrides = [
-        f"model.preset={budget.preset}", f"data.dir={data_dir}", f"loss.kind={loss}", f"run.out={run_dir}",
-        f"run.seed={seed}", f"run.max_steps={budget.max_steps}", f"run.batch_size={budget.batch_size}",
-        f"run.seq_len={budget.seq_len}", f"run.eval_every={budget.eval_every}",
-        f"run.eval_batches={budget.eval_batches}", f"run.checkpoint_every={budget.eval_every}",
-        f"optim.lr={budget.lr}", f"optim.warmup_steps={budget.warmup_steps}",
-    ]
-    if device:
-        overrides.append(f"run.device={device}")
-    return overrides
+def train_config(budget: Budget, data_dir: Path, run_dir: Path, loss: str, seed: int, device: str | None):
+    """The :class:`~mileloss.train.config.TrainConfig` of one run of ``budget``."""
+    from mileloss.train.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+
+    return TrainConfig(
+        model=ModelConfig(preset=budget.preset), data=DataConfig(dir=str(data_dir)), loss=LossConfig(kind=loss),
+        optim=OptimConfig(lr=budget.lr, warmup_steps=budget.warmup_steps),
+        run=RunConfig(out=str(run_dir), seed=seed, max_steps=budget.max_steps, batch_size=budget.batch_size,
+                      seq_len=budget.seq_len, eval_every=budget.eval_every, eval_batches=budget.eval_batches,
+                      checkpoint_every=budget.eval_every, device=device or "auto"))
 
 
 def reproduce(
@@ -141,26 +140,26 @@ def reproduce(
     from mileloss.eval.lm_eval_bridge import parse_task_list
     from mileloss.eval.outputs import check_output_folder, create_output_folder, write_atomic
     from mileloss.report import write_report
-    from mileloss.train import load_config, train
+    from mileloss.train import train
     from mileloss.train.checkpoint import checkpoint_steps
 
     if budget not in BUDGETS:
-        raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {budget!r}")
+        raise ConfigError(f"--budget must be one of {sorted(BUDGETS)}, got {budget!r}")
     unknown = sorted(set(losses) - set(LOSSES))
     if unknown:
-        raise ValueError(f"--losses: unknown loss {unknown[0]!r}; choose from {LOSSES}")
+        raise ConfigError(f"--losses: unknown loss {unknown[0]!r}; choose from {LOSSES}")
     if not losses or len(set(losses)) != len(losses):
-        raise ValueError(f"--losses: give each of {LOSSES} at most once, at least one, got {list(losses)}")
+        raise ConfigError(f"--losses: give each of {LOSSES} at most once, at least one, got {list(losses)}")
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: give distinct seeds, at least one, got {list(seeds)}")
+        raise ConfigError(f"--seeds: give distinct seeds, at least one, got {list(seeds)}")
     for flag, value in (("--limit", task_limit), ("--max-steps", max_steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+            raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
     if tasks is not None:
         tasks = tuple(parse_task_list(list(tasks)))  # UnknownTaskError now, not after hours of training
     corpus_name = Path(corpus).name or Path(corpus).resolve().name
     if not corpus_name:
-        raise ValueError(f"--corpus {corpus!r}: name a corpus (shakespeare, kjv, austen) or a file or folder")
+        raise ConfigError(f"--corpus {corpus!r}: name a corpus (shakespeare, kjv, austen) or a file or folder")
     plan = BUDGETS[budget]
     plan = dataclasses.replace(plan, **{k: v for k, v in dict(
         tasks=tasks, task_limit=task_limit, max_steps=max_steps).items() if v is not None})
@@ -190,7 +189,7 @@ def reproduce(
                 if (run_dir / "final" / "mileloss_run.json").exists():
                     log.info("train: %s already finished", run_dir)
                 else:
-                    config = load_config(None, train_overrides(plan, data_dir, run_dir, loss, seed, device))
+                    config = train_config(plan, data_dir, run_dir, loss, seed, device)
                     # resume from the last complete checkpoint; a run stopped before its first one starts afresh
                     # (train's overwrite removes only what train wrote, and refuses anything else)
                     resumable = bool(checkpoint_steps(run_dir / "checkpoints"))
@@ -222,12 +221,12 @@ def _data_ready(data_dir: Path, vocab_size: int, load_manifest) -> bool:
         return False
     manifest = load_manifest(data_dir, verify=True)
     if manifest.vocab_size != vocab_size:
-        raise ValueError(f"{data_dir} holds data with vocab {manifest.vocab_size}, but this budget uses "
+        raise DataError(f"{data_dir} holds data with vocab {manifest.vocab_size}, but this budget uses "
                          f"{vocab_size}; choose another --out or delete {data_dir}")
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mileloss reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="smoke", choices=sorted(BUDGETS),
@@ -241,24 +240,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="optimizer steps per run (default: the budget's)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--cache-dir", help="download cache for corpora and benchmarks")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
+        args.seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    tasks = None
     if args.tasks is not None:
-        tasks = () if args.tasks == "none" else tuple(t for t in args.tasks.split(",") if t)
-    try:
-        report = reproduce(args.out or f"reports/{args.budget}", budget=args.budget, corpus=args.corpus,
-                           seeds=seeds, losses=tuple(args.losses.split(",")), tasks=tasks, task_limit=args.limit,
-                           max_steps=args.max_steps, device=args.device, cache_dir=args.cache_dir)
-    except (ValueError, ImportError, OSError) as error:  # StageError, OutputFolderError and the named errors
-        print(f"{COMMAND}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{COMMAND}: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
-        return 130
+        args.tasks = () if args.tasks == "none" else tuple(t for t in args.tasks.split(",") if t)
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    report = reproduce(args.out or f"reports/{args.budget}", budget=args.budget, corpus=args.corpus, seeds=args.seeds,
+                       losses=tuple(args.losses.split(",")), tasks=args.tasks, task_limit=args.limit,
+                       max_steps=args.max_steps, device=args.device, cache_dir=args.cache_dir)
     print(f"report: {report} (Markdown beside it: {report.with_suffix('.md')})")
     return 0

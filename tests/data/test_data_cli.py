@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from mileloss.cli import main as cli
 from mileloss.data import load_manifest
-from mileloss.data.cli import main
+
+
+def main(argv):
+    return cli(["data", *map(str, argv)])
 
 
 def test_cli_prepares_a_data_directory_and_prints_a_summary(tmp_path, corpus_dir, capsys):

@@ -3,10 +3,14 @@ import shutil
 
 import pytest
 
+from mileloss.cli import main as cli
 from mileloss.errors import CheckpointError, EvalDataError, TokenizerMismatchError
 from mileloss.eval import evaluate
-from mileloss.eval.cli import main
 from tests.eval.fixtures import make_checkpoint, make_run_dir, make_tokenizer
+
+
+def main(argv):
+    return cli(["eval", *map(str, argv)])
 
 
 @pytest.fixture

@@ -20,16 +20,26 @@ import numpy as np
 import pytest
 import torch
 
+from mileloss.cli import main as cli
 from mileloss.errors import OutputFolderError
 from mileloss.eval import CheckpointError, evaluate
 from mileloss.eval.buckets import frequency_buckets
-from mileloss.eval.cli import main as eval_main
 from mileloss.report import ReportError, write_report
-from mileloss.report.cli import main as report_main
 from mileloss.report.data_check import MixedDataError
-from mileloss.reproduce import main as reproduce_main
 from tests.eval.fixtures import make_checkpoint, make_data_dir, make_run_dir, make_tokenizer
 from tests.report.fixtures import write_eval_results
+
+
+def eval_main(argv):
+    return cli(["eval", *map(str, argv)])
+
+
+def report_main(argv):
+    return cli(["report", *map(str, argv)])
+
+
+def reproduce_main(argv):
+    return cli(["reproduce", *map(str, argv)])
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mileloss.cli import main as cli
 from mileloss.train import (
     CheckpointChecksumError,
     ConfigValueError,
@@ -34,11 +35,14 @@ from mileloss.train import (
     train,
 )
 from mileloss.train.checkpoint import checkpoint_steps, load_checkpoint
-from mileloss.train.cli import main as train_main
 from mileloss.train.metrics import read_metrics
 from mileloss.train.rundir import LOCK_NAME
 from tests.train._train_utils import REPO, run_and_kill_at, tiny_overrides
 from tests.train.conftest import make_words_data
+
+
+def train_main(argv):
+    return cli(["train", *map(str, argv)])
 
 SHORT = {"run.max_steps": 4, "run.checkpoint_every": 2, "run.eval_every": 0}
 
@@ -96,11 +100,10 @@ def test_fresh_run_into_a_previous_run_is_refused_and_changes_nothing(data_dir, 
     assert _tree(old_run) == before
 
 
-def test_cli_reports_the_refusal_in_one_line(data_dir, old_run, caplog):
-    with caplog.at_level(logging.ERROR):
-        assert train_main(tiny_overrides(data_dir, old_run, **SHORT)) == 1
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and errors[0].startswith("RunFolderNotEmptyError: run.out") and "\n" not in errors[0]
+def test_cli_reports_the_refusal_in_one_line(data_dir, old_run, capsys):
+    assert train_main(tiny_overrides(data_dir, old_run, **SHORT)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mileloss train: error: run.out") and "\n" not in err
 
 
 def test_overwrite_replaces_the_previous_run_and_a_later_resume_continues_the_new_one(data_dir, old_run):
@@ -153,8 +156,8 @@ def test_under_ddp_a_refusal_by_rank_0_stops_every_rank_without_a_hang(data_dir,
                "train", *tiny_overrides(data_dir, old_run, **{**SHORT, "run.batch_size": 2}), "--quiet"]
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "RunFolderNotEmptyError: run.out" in result.stderr  # rank 0
-    assert "OutputFolderError: rank 0 could not claim run.out" in result.stderr  # rank 1, told by rank 0
+    assert "mileloss train: error: [rank 0] run.out" in result.stderr
+    assert "mileloss train: error: [rank 1] rank 0 could not claim run.out" in result.stderr  # told by rank 0
     assert _tree(old_run) == before
 
 
@@ -434,17 +437,16 @@ def test_a_batch_larger_than_the_data_is_refused_before_training(data_dir, tmp_p
     MemoryError("Unable to allocate 24.6 GiB"), torch.OutOfMemoryError("CUDA out of memory"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
                  "allocate 140737488355328 bytes")])
-def test_out_of_memory_is_one_line(tmp_path, caplog, monkeypatch, error):
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error):
     import mileloss.train.loop
 
     def exhausted(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(mileloss.train.loop, "train", exhausted)
-    with caplog.at_level(logging.ERROR):
-        assert train_main([f"run.out={tmp_path / 'run'}"]) == 1
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and errors[0].startswith("out of memory") and "run.batch_size" in errors[0]
+    assert train_main([f"run.out={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mileloss train: error: out of memory") and "run.batch_size" in err and "\n" not in err
     monkeypatch.setattr(mileloss.train.loop, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # other errors are not disguised as memory problems
         train_main([f"run.out={tmp_path / 'run'}"])
@@ -523,7 +525,7 @@ def test_a_bad_config_value_is_one_line_naming_key_and_value(override, key, valu
     assert train_main([f"run.out={tmp_path / 'run'}", override]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
-    assert err.startswith(f"mileloss train: {key}") and value in err, err
+    assert err.startswith(f"mileloss train: error: {key}") and value in err, err
     assert not (tmp_path / "run").exists()
 
 

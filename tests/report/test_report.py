@@ -4,10 +4,14 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from mileloss.cli import main as cli
 from mileloss.report import EmptyRunError, write_report
-from mileloss.report.cli import main
 from tests.eval.fixtures import make_checkpoint, make_data_dir, make_run_dir, make_tokenizer
 from tests.report.fixtures import make_evaluated_runs
+
+
+def main(argv):
+    return cli(["report", *map(str, argv)])
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

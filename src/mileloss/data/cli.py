@@ -7,20 +7,18 @@ mileloss data --corpus shakespeare --out data/shakespeare --overwrite  # replace
 
 --out must be absent, empty, or (with --overwrite) a folder an earlier `mileloss data` wrote and that holds
 nothing else; anything else is refused untouched. A killed run leaves --out as it was; the next run removes
-what the killed one left beside it. Errors are one line on stderr, exit code 2 (130 when interrupted).
+what the killed one left beside it. Errors and exit codes: see ``mileloss.cli``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
-import sys
 import threading
 import time
 
 from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS
-from mileloss.errors import DataError
+from mileloss.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +61,13 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the run removes its staging folder
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def run(args: argparse.Namespace) -> int:
     from mileloss.data.prepare import prepare_corpus
+
+    if not 0 <= args.val_fraction < 1:  # checked here too: prepare_corpus raises a plain ValueError
+        raise ConfigError(f"--val-fraction: val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.max_shard_tokens < 1:
+        raise ConfigError(f"--max-shard-tokens: max_shard_tokens must be >= 1, got {args.max_shard_tokens}")
 
     started = time.perf_counter()
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -85,16 +86,6 @@ def main(argv: list[str]) -> int:
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )
-    except (DataError, ValueError) as error:
-        print(f"mileloss data: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a disk that fills up or goes away mid-run: say what and where, no traceback
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"mileloss data: error: {error.strerror or error}{where}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mileloss data: interrupted", file=sys.stderr)
-        return 130
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

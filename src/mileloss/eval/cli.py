@@ -7,11 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,27 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     # before transformers / datasets are imported: everything is local, never ask a hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
     from mileloss.eval.pipeline import evaluate, format_lm_eval_table, format_perplexity_table
 
-    try:
-        result = evaluate(args.path, args.data, buckets=args.buckets, max_tokens=args.max_tokens,
-                          tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, out_dir=args.out,
-                          seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                          cache_dir=args.cache_dir)
-    except (ValueError, ImportError, OSError) as error:
-        print(f"mileloss eval: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mileloss eval: interrupted; files already written are complete, nothing is half-written",
-              file=sys.stderr)
-        return 130
+    result = evaluate(args.path, args.data, buckets=args.buckets, max_tokens=args.max_tokens, tasks=args.tasks,
+                      num_fewshot=args.num_fewshot, limit=args.limit, out_dir=args.out, seq_len=args.seq_len,
+                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     print(format_perplexity_table(result["perplexity"]))
     if result["lm_eval"] is not None:
         print()

@@ -6,10 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,19 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def run(args: argparse.Namespace) -> int:
     from mileloss.report.render import write_report
 
-    try:
-        report = write_report(args.runs, args.out, allow_mixed_data=args.allow_mixed_data)
-    except (ValueError, OSError) as error:
-        print(f"mileloss report: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mileloss report: interrupted; run it again to write the whole report", file=sys.stderr)
-        return 130
+    report = write_report(args.runs, args.out, allow_mixed_data=args.allow_mixed_data)
     markdown = report.parent.joinpath("report.md").read_text().splitlines()
     print(next(line for line in markdown if line.startswith("**Verdict:**")))
     print(f"wrote {report} and {report.parent / 'report.md'}")
