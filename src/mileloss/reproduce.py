@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mileloss.errors import ConfigError, DataError, StageError
+from mileloss.run_folder import RunFolder, is_temp_of, read_json_object, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ def _stage(name: str) -> Iterator[None]:
 
 def _owns(entry: Path) -> bool:
     """True for what an earlier reproduce wrote: its summary (or the summary's temp file) and its three folders."""
-    from mileloss.eval.outputs import is_temp_of, read_json_object
-
     if entry.name == SUMMARY:
         content = read_json_object(entry)
         return content is not None and (content.get("written_by") == COMMAND or {"budget", "runs"} <= content.keys())
@@ -138,7 +137,7 @@ def reproduce(
     from mileloss.data import load_manifest, prepare_corpus
     from mileloss.eval import evaluate
     from mileloss.eval.lm_eval_bridge import parse_task_list
-    from mileloss.eval.outputs import check_output_folder, create_output_folder, write_atomic
+    from mileloss.eval.outputs import check_output_folder, create_output_folder
     from mileloss.report import write_report
     from mileloss.train import train
     from mileloss.train.checkpoint import checkpoint_steps
@@ -186,21 +185,20 @@ def reproduce(
         for loss, seed, run_dir in runs:
             stages.set_postfix_str(f"train {run_dir.name}")
             with _stage(f"train {run_dir}"):
-                if (run_dir / "final" / "mileloss_run.json").exists():
+                if RunFolder(run_dir).finished:
                     log.info("train: %s already finished", run_dir)
                 else:
                     config = train_config(plan, data_dir, run_dir, loss, seed, device)
                     # resume from the last complete checkpoint; a run stopped before its first one starts afresh
                     # (train's overwrite removes only what train wrote, and refuses anything else)
-                    resumable = bool(checkpoint_steps(run_dir / "checkpoints"))
+                    resumable = bool(checkpoint_steps(RunFolder(run_dir).checkpoints))
                     train(config, resume=resumable, overwrite=run_dir.exists() and not resumable)
             stages.update()
 
         for _, _, run_dir in runs:
             stages.set_postfix_str(f"eval {run_dir.name}")
             with _stage(f"eval {run_dir}"):
-                if (run_dir / "eval" / "perplexity.json").exists() and (
-                        not plan.tasks or (run_dir / "eval" / "lm_eval.json").exists()):
+                if RunFolder(run_dir).evaluated(benchmarks=bool(plan.tasks)):
                     log.info("eval: %s already evaluated", run_dir)
                 else:
                     evaluate(run_dir, data_dir, max_tokens=plan.ppl_max_tokens, tasks=list(plan.tasks) or "none",

@@ -28,7 +28,7 @@ def test_cli_writes_perplexity_json_into_the_run_and_prints_the_bucket_table(run
     assert result["overall"]["num_tokens"] == 100
     assert sum(b["num_tokens"] for b in result["buckets"]) == 100
     assert result["windows"]["seq_len"] == 32  # the run's training seq_len from final/mileloss_run.json
-    assert result["run"]["loss"]["kind"] == "mile"
+    assert result["loss_weight"]["kind"] == "mile" and "run" not in result  # the metadata stays in final/ alone
     assert not (run_dir / "eval" / "lm_eval.json").exists()
     printed = capsys.readouterr().out
     assert "cuts at 50%, 80%, 95%" in printed and "b3 (95-100%)" in printed and "overall" in printed

@@ -26,6 +26,7 @@ from mileloss.eval import CheckpointError, evaluate
 from mileloss.eval.buckets import frequency_buckets
 from mileloss.report import ReportError, write_report
 from mileloss.report.data_check import MixedDataError
+from mileloss.run_folder import RunFolder, data_identity
 from tests.eval.fixtures import make_checkpoint, make_data_dir, make_run_dir, make_tokenizer
 from tests.report.fixtures import write_eval_results
 
@@ -401,6 +402,21 @@ def test_the_same_data_in_two_folders_compares_and_a_lost_data_folder_is_said(tm
     markdown = write_report(runs, tmp_path / "report").with_suffix(".md").read_text()
     assert "WARNING" not in markdown
     assert f"Training data not verified for {runs[2]} (data directory {gone} is not readable)" in markdown
+
+
+def test_runs_compare_on_the_data_identity_recorded_at_training_time_after_the_data_folder_is_deleted(
+        tmp_path, data_dir):
+    gone = _relabel(data_dir, tmp_path / "gone", corpus="kjv")
+    a, b = _evaluated_run(tmp_path, "ce", data_dir), _evaluated_run(tmp_path, "mile", gone, loss="mile")
+    for run, data in ((a, data_dir), (b, gone)):  # what mileloss train now records in final/mileloss_run.json
+        folder = RunFolder(run)
+        folder.final.mkdir()
+        folder.write_run_info({"data_dir": str(data), "data": data_identity(data)})
+    shutil.rmtree(gone)
+    with pytest.raises(MixedDataError, match=f"{a} and {b} were trained on different data: corpus 'fixture' vs 'kjv'"):
+        write_report([a, b], tmp_path / "report")
+    markdown = write_report([a, b], tmp_path / "report", allow_mixed_data=True).with_suffix(".md").read_text()
+    assert "not verified" not in markdown
 
 
 # ---------------------------------------------------------------------------------------------------------------

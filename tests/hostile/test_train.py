@@ -107,8 +107,9 @@ def test_cli_reports_the_refusal_in_one_line(data_dir, old_run, capsys):
 
 
 def test_overwrite_replaces_the_previous_run_and_a_later_resume_continues_the_new_one(data_dir, old_run):
-    leftovers = [".metrics.csv.tmp-99", "checkpoints/.step_00000009.pt.tmp-99", "checkpoints/step_00000009.json",
-                 ".mileloss-train.lock.stale-1-deadbeef", "final/.mileloss_run.json.tmp-5"]
+    leftovers = [".metrics.csv.99-0123abcd.tmp", "checkpoints/.step_00000009.pt.tmp-99",
+                 "checkpoints/step_00000009.json", ".mileloss-train.lock.stale-1-deadbeef",
+                 "final/.mileloss_run.json.5-0123abcd.tmp"]
     for name in leftovers:  # what killed trainers leave: recognised as ours
         (old_run / name).write_text("partial")
     new = _config(data_dir, old_run, **{"run.seed": 5, "run.max_steps": 3, "run.checkpoint_every": 1})

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mileloss.data import ShardChecksumError
 from mileloss.models import build_model
+from mileloss.run_folder import RunFolder, data_identity
 from mileloss.train import NonFiniteLossError, PreflightError, TrainHooks, VocabMismatchError, load_config, train
 from mileloss.train.checkpoint import latest_checkpoint, load_checkpoint
 from mileloss.train.distributed import DistributedContext
@@ -92,6 +93,13 @@ def test_run_writes_config_metrics_checkpoints_and_final(finished_run):
         "step_00000004.pt", "step_00000008.pt"]
     summary = json.loads((finished_run / "final" / "mileloss_run.json").read_text())
     assert summary["loss"]["kind"] == "mile" and summary["steps"] == 8 and summary["tokens"] == 8 * 4 * 32
+    assert summary == RunFolder(finished_run).read_run_info()
+
+
+def test_the_run_records_the_identity_of_its_training_data(finished_run):
+    summary = RunFolder(finished_run).read_run_info()
+    assert summary["data"] == data_identity(summary["data_dir"]) and summary["data"]["readable"]
+    assert len(summary["data"]["manifest_sha256"]) == 64
 
 
 def test_exported_model_loads_with_auto_classes_and_gives_the_trained_logits(finished_run):

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from mileloss.errors import CheckpointError, EvalArgumentError, EvalDataError, TokenizerMismatchError
+from mileloss.run_folder import FINAL, RUN_INFO, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Checkpoint:
     @property
     def default_out_dir(self) -> Path:
         """``RUN_DIR/eval`` for a run, ``CHECKPOINT/eval`` for a bare checkpoint."""
-        return (self.run_dir if self.run_dir is not None else self.path) / "eval"
+        return RunFolder(self.run_dir if self.run_dir is not None else self.path).eval_dir
 
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
@@ -59,18 +60,16 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
     Raises:
         CheckpointError: if the folder does not exist, has no ``config.json`` or weights, or no tokenizer.
     """
-    path = Path(path)
+    path, run = Path(path), RunFolder(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such run or checkpoint folder")
     run_dir = None
-    if (path / "final" / "config.json").is_file():
-        run_dir, path = path, path / "final"
+    if (run.final / "config.json").is_file():
+        run_dir, path = path, run.final
     elif not (path / "config.json").is_file():
-        hint = " (a run folder whose training has not finished has no final/ yet)" if (
-            path / "metrics.jsonl").is_file() else ""
-        raise CheckpointError(f"{path}: neither {path / 'final' / 'config.json'} nor {path / 'config.json'} "
-                              f"exists{hint}")
-    elif path.name == "final" and (path.parent / "config.yaml").is_file():
+        hint = " (a run whose training has not finished has no final/ yet)" if run.metrics_jsonl.is_file() else ""
+        raise CheckpointError(f"{path}: neither {run.final / 'config.json'} nor {path / 'config.json'} exists{hint}")
+    elif path.name == FINAL and RunFolder(path.parent).config.is_file():
         run_dir = path.parent
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise CheckpointError(f"{path}: no model weights (expected one of {', '.join(WEIGHT_FILES)})")
@@ -79,9 +78,7 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
             f"{path}: checkpoint has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}); "
             f"save it beside the model with tokenizer.save_pretrained({str(path)!r})"
         )
-    run_info = {}
-    if (path / "mileloss_run.json").is_file():
-        run_info = _read_json_object(path / "mileloss_run.json")
+    run_info = _read_json_object(path / RUN_INFO) if (path / RUN_INFO).is_file() else {}
     return Checkpoint(path=path, run_dir=run_dir, run_info=run_info)
 
 
@@ -171,9 +168,9 @@ def run_loss_settings(checkpoint: Checkpoint) -> LossSettings:
     """
     sources: list[tuple[str, dict]] = []
     if "loss" in checkpoint.run_info:
-        where = str(checkpoint.path / "mileloss_run.json")
+        where = str(checkpoint.path / RUN_INFO)
         sources.append((where, _loss_section(checkpoint.run_info["loss"], where)))
-    config_path = checkpoint.run_dir / "config.yaml" if checkpoint.run_dir is not None else None
+    config_path = RunFolder(checkpoint.run_dir).config if checkpoint.run_dir is not None else None
     if config_path is not None and config_path.is_file():
         import yaml
 

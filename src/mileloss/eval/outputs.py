@@ -8,17 +8,15 @@ nothing is overwritten or deleted that the command did not write.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from mileloss.errors import OutputFolderError
+from mileloss.run_folder import is_temp_of, read_json_object, write_atomic  # noqa: F401  (report's imports)
 
-__all__ = ["check_output_folder", "create_output_folder", "read_json_object", "write_atomic"]
-
-TEMP_SUFFIX = ".tmp"
+__all__ = ["check_output_folder", "create_output_folder", "is_temp_of", "read_json_object", "write_atomic"]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -79,35 +77,3 @@ def create_output_folder(path: str | Path, flag: str = "--out") -> Path:
     except OSError as error:
         raise OutputFolderError(f"{flag} {path} cannot be written ({error.strerror or error})") from error
     return path
-
-
-def is_temp_of(entry: Path, names: set[str] | frozenset[str]) -> bool:
-    """True for the temporary file :func:`write_atomic` makes while writing one of ``names`` (left by a crash)."""
-    return entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and any(
-        entry.name.startswith(f".{name}.") for name in names)
-
-
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write ``data`` to a fresh temporary file beside ``path``, then rename it over ``path`` (never half-written).
-
-    The temporary name is unique (``.<name>.<random>.tmp``), so it never replaces a file of the same name.
-    """
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(payload)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_json_object(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when the file is not a readable JSON object (never raises)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None

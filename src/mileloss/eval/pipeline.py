@@ -28,17 +28,17 @@ from mileloss.eval.checkpoint import (
     run_loss_settings,
     torch_dtype,
 )
-from mileloss.eval.data_identity import data_identity
 from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, parse_task_list, run_lm_eval
-from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
+from mileloss.eval.outputs import check_output_folder, create_output_folder
 from mileloss.eval.perplexity import evaluate_perplexity
+from mileloss.run_folder import LM_EVAL, PERPLEXITY, data_identity, is_temp_of, read_json_object, write_atomic
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "format_lm_eval_table", "format_perplexity_table"]
 
 COMMAND = "mileloss eval"
-OUTPUT_FILES = {"perplexity.json": ("bucket_definition", "overall"), "lm_eval.json": ("tasks", "checkpoint")}
+OUTPUT_FILES = {PERPLEXITY: ("bucket_definition", "overall"), LM_EVAL: ("tasks", "checkpoint")}
 """The files ``mileloss eval`` writes, and the keys that recognise one written before ``written_by`` existed."""
 
 
@@ -91,8 +91,8 @@ def _check_out(out: Path, flag: str, checkpoint: Checkpoint) -> None:
                                     f"folder, nothing there is overwritten")
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    write_atomic(path, json.dumps({"written_by": COMMAND, **payload}, indent=2) + "\n")
+def _write_json(path: Path, payload: dict) -> Path:
+    return write_atomic(path, json.dumps({"written_by": COMMAND, **payload}, indent=2) + "\n")
 
 
 def evaluate(
@@ -225,15 +225,13 @@ def _evaluate(checkpoint: Checkpoint, loss: LossSettings, data_dir: str | Path |
         "run_dir": str(checkpoint.run_dir) if checkpoint.run_dir else None,
         "data_dir": str(data_dir),
         "data": data_identity(data_dir),
-        "run": checkpoint.run_info,
         "max_tokens": max_tokens,
         "bucket_definition": frequency.to_dict(),
         **result,
         "loss_weight": loss.to_dict(),
         "elapsed_seconds": round(time.perf_counter() - started, 2),
     }
-    _write_json(out / "perplexity.json", result)
-    logger.info("wrote %s", out / "perplexity.json")
+    logger.info("wrote %s", _write_json(out / PERPLEXITY, result))
 
     lm_eval_result = None
     if task_names:
@@ -243,8 +241,7 @@ def _evaluate(checkpoint: Checkpoint, loss: LossSettings, data_dir: str | Path |
                                      cache_dir=options["cache_dir"], root=options["benchmark_root"])
         lm_eval_result = {"checkpoint": str(checkpoint.path), "checkpoint_path": str(checkpoint.path.resolve()),
                           **lm_eval_result, "elapsed_seconds": round(time.perf_counter() - started, 2)}
-        _write_json(out / "lm_eval.json", lm_eval_result)
-        logger.info("wrote %s", out / "lm_eval.json")
+        logger.info("wrote %s", _write_json(out / LM_EVAL, lm_eval_result))
     return {"perplexity": result, "lm_eval": lm_eval_result, "out_dir": out}
 
 

@@ -1,10 +1,11 @@
 """Refuse to compare runs trained or evaluated on different data (corpus, tokenizer, vocabulary, token shards).
 
-A run's training data is the directory named by ``final/mileloss_run.json`` (``data_dir``) or ``config.yaml``
-(``data.dir``), identified by :func:`mileloss.eval.data_identity.data_identity`; its evaluation data is the
-identity ``mileloss eval`` stored in ``eval/perplexity.json`` (or, for older files, its ``data_dir`` read now).
-Where a data directory can no longer be read, the vocabulary size the run recorded is still compared, and the
-report says which runs could not be checked.
+A run's training data is the identity ``mileloss train`` recorded in ``final/mileloss_run.json`` (``data``), so it
+compares after the data folder is deleted; for older runs, the directory named there (``data_dir``) or in
+``config.yaml`` (``data.dir``), identified now by :func:`mileloss.run_folder.data_identity`. Its evaluation data is
+the identity ``mileloss eval`` stored in ``eval/perplexity.json`` (or, for older files, its ``data_dir`` read now).
+Where neither can be read, the vocabulary size the run recorded is still compared, and the report says which runs
+could not be checked.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mileloss.errors import MixedDataError
-from mileloss.eval.data_identity import data_identity, describe_differences
 from mileloss.report.runs import RunRecord
+from mileloss.run_folder import data_identity, describe_differences
 
 __all__ = ["DataCheck", "MixedDataError", "check_same_data"]
 
@@ -41,7 +42,11 @@ def _identities(runs: Sequence[RunRecord]) -> tuple[list[dict], list[dict | None
 
     trained, evaluated, unverified = [], [], []
     for run in runs:
-        train = identity(run.data_dir) if run.data_dir else {"readable": False, "vocab_size": None}
+        recorded = run.run_info.get("data")
+        if isinstance(recorded, dict) and recorded.get("readable"):
+            train = dict(recorded)
+        else:
+            train = identity(run.data_dir) if run.data_dir else {"readable": False, "vocab_size": None}
         if not train.get("readable"):
             train["vocab_size"] = run.vocab_size
             where = f"data directory {run.data_dir} is not readable" if run.data_dir else "no data directory recorded"

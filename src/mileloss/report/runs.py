@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from mileloss.errors import EmptyRunError, ReportError
+from mileloss.run_folder import CONFIG, LM_EVAL, METRICS_JSONL, PERPLEXITY, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ NUMBER_OR_NONE = (int, float, type(None))
 TEXT_OR_NONE = (str, type(None))
 INT_OR_NONE = (int, type(None))
 HISTOGRAM = {"edges": [NUMBER], "overall": [NUMBER]}
+DATA_IDENTITY = {"data_dir?": TEXT_OR_NONE, "corpus?": TEXT_OR_NONE, "vocab_size?": INT_OR_NONE,
+                 "manifest_sha256?": TEXT_OR_NONE, "tokenizer_sha256?": TEXT_OR_NONE}
 PERPLEXITY_SCHEMA = {
     "bucket_cut_points": [NUMBER],
     "buckets": [{"name": (str,), "label?": (str,), "num_types": NUMBER, "share_of_occurrences": NUMBER,
@@ -55,13 +58,13 @@ PERPLEXITY_SCHEMA = {
     "histograms?": {"entropy?": HISTOGRAM, "weight?": HISTOGRAM},
     "loss_weight?": {"kind?": (str,), "gamma": NUMBER, "sigma": NUMBER},
     "mile_weight?": {"gamma": NUMBER, "sigma": NUMBER},
-    "data?": {"data_dir?": TEXT_OR_NONE, "corpus?": TEXT_OR_NONE, "vocab_size?": INT_OR_NONE,
-              "manifest_sha256?": TEXT_OR_NONE, "tokenizer_sha256?": TEXT_OR_NONE},
+    "data?": DATA_IDENTITY,
     "data_dir?": TEXT_OR_NONE,
 }
 LM_EVAL_SCHEMA = {"tasks": MapOf({"value?": NUMBER_OR_NONE}), "num_fewshot?": INT_OR_NONE}
 LOSS = {"kind?": (str,), "gamma?": NUMBER_OR_NONE, "sigma?": NUMBER_OR_NONE}
-RUN_INFO_SCHEMA = {"loss?": LOSS, "data_dir?": TEXT_OR_NONE, "steps?": INT_OR_NONE, "tokens?": INT_OR_NONE,
+RUN_INFO_SCHEMA = {"loss?": LOSS, "data_dir?": TEXT_OR_NONE, "data?": DATA_IDENTITY, "steps?": INT_OR_NONE,
+                   "tokens?": INT_OR_NONE,
                    "seed?": (int, str, type(None)), "model?": OrNone({"vocab_size?": INT_OR_NONE})}
 CONFIG_SCHEMA = {"loss?": LOSS, "run?": (dict,), "data?": {"dir?": TEXT_OR_NONE},
                  "model?": {"vocab_size?": INT_OR_NONE}}
@@ -247,20 +250,19 @@ def load_run(path: str | Path) -> RunRecord:
         ReportError: a file that is not valid JSON / YAML or lacks the fields the report reads (file and field
             named).
     """
-    path = Path(path)
-    metrics_path, config_path = path / "metrics.jsonl", path / "config.yaml"
-    if not path.is_dir() or not (metrics_path.is_file() or config_path.is_file()):
-        what = "no such folder" if not path.is_dir() else "no metrics.jsonl or config.yaml"
+    path, run = Path(path), RunFolder(path)
+    if not path.is_dir() or not (run.metrics_jsonl.is_file() or run.config.is_file()):
+        what = "no such folder" if not path.is_dir() else f"no {METRICS_JSONL} or {CONFIG}"
         raise EmptyRunError(f"{path}: not a training run ({what}); pass folders written by `mileloss train`")
-    lines = _read_jsonl(metrics_path) if metrics_path.is_file() else []
+    lines = _read_jsonl(run.metrics_jsonl) if run.metrics_jsonl.is_file() else []
     return RunRecord(
         path=path,
-        config=_read_config(config_path),
+        config=_read_config(run.config),
         train=[line for line in lines if line.get("kind") == "train" and "loss" in line],
         val=[line for line in lines if line.get("kind") == "val" and "val_loss" in line],
-        perplexity=_read_json(path / "eval" / "perplexity.json", PERPLEXITY_SCHEMA),
-        lm_eval=_read_json(path / "eval" / "lm_eval.json", LM_EVAL_SCHEMA),
-        run_info=_read_json(path / "final" / "mileloss_run.json", RUN_INFO_SCHEMA) or {},
+        perplexity=_read_json(run.eval_dir / PERPLEXITY, PERPLEXITY_SCHEMA),
+        lm_eval=_read_json(run.eval_dir / LM_EVAL, LM_EVAL_SCHEMA),
+        run_info=_read_json(run.run_info_path, RUN_INFO_SCHEMA) or {},
     )
 
 

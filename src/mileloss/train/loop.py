@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from mileloss.errors import NonFiniteLossError
 from mileloss.losses import WeightNormalizer, linear_token_weighted_loss
 from mileloss.models import build_model
+from mileloss.run_folder import RunFolder
 from mileloss.train.checkpoint import (
     CheckpointError,
     StageCallback,
@@ -57,7 +58,7 @@ from mileloss.train.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "LanguageModelLoss", "TrainHooks", "build_optimizer", "evaluate", "train"]
+__all__ = ["NonFiniteLossError", "LanguageModelLoss", "TrainHooks", "build_optimizer", "train", "validation_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +118,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, run: PreparedRun, context: DistributedContext) -> float:
+def validation_loss(model: torch.nn.Module, run: PreparedRun, context: DistributedContext) -> float:
     """Plain cross-entropy (nats/token) over the first ``run.eval_batches`` global validation batches.
 
     A global batch has ``batch_size * world_size`` rows and rank r evaluates its rows ``[r * B, (r + 1) * B)``,
@@ -274,7 +275,7 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
     if context.world_size > 1:
         wrapped = DistributedDataParallel(loss_wrapper, device_ids=[device.index] if device.type == "cuda" else None)
     if context.is_main:
-        save_config(config, run.run_dir / "config.yaml")
+        save_config(config, RunFolder(run.run_dir).config)
     metrics = MetricsLogger(run.run_dir, resume_step=step if resume else None) if context.is_main else None
     fingerprint = data_fingerprint(run.manifest)
 
@@ -310,7 +311,7 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
             progress.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{speed:,.0f}")
             interval_seconds, interval_tokens = 0.0, 0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-            val_loss = evaluate(model, run, context)
+            val_loss = validation_loss(model, run, context)
             if context.is_main:
                 metrics.log("val", step=step, tokens=tokens, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)))
                 logger.info("step %d: val_loss %.4f", step, val_loss)

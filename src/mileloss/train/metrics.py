@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mileloss.train.files import write_text_atomic
+from mileloss.run_folder import RunFolder, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
-        self.jsonl_path = run_dir / "metrics.jsonl"
-        self.csv_path = run_dir / "metrics.csv"
+        folder = RunFolder(run_dir)
+        self.jsonl_path, self.csv_path = folder.metrics_jsonl, folder.metrics_csv
         if resume_step is None:
-            write_text_atomic(self.jsonl_path, "")
-            write_text_atomic(self.csv_path, ",".join(TRAIN_FIELDS) + "\n")
+            write_atomic(self.jsonl_path, "")
+            write_atomic(self.csv_path, ",".join(TRAIN_FIELDS) + "\n")
         else:
             self._truncate_after(resume_step)
         self.writer = None
@@ -51,7 +51,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(folder.tensorboard))
             except Exception:  # tensorboard is optional
                 self.writer = None
 
@@ -74,8 +74,8 @@ class MetricsLogger:
         writer = csv.DictWriter(buffer, TRAIN_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: line.get(k) for k in TRAIN_FIELDS} for line in kept if line["kind"] == "train")
-        write_text_atomic(self.csv_path, buffer.getvalue())
-        write_text_atomic(self.jsonl_path, "".join(json.dumps(line) + "\n" for line in kept))
+        write_atomic(self.csv_path, buffer.getvalue())
+        write_atomic(self.jsonl_path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def log(self, kind: str, **values: Any) -> None:
         """Append one line of the given kind ("train" or "val")."""

@@ -38,6 +38,17 @@ import torch
 import yaml
 
 from mileloss.errors import FolderBusyError, NoCheckpointError, OutputFolderError, RunFolderNotEmptyError
+from mileloss.run_folder import (
+    CHECKPOINTS,
+    CONFIG,
+    FINAL,
+    LOCK,
+    METRICS_CSV,
+    METRICS_JSONL,
+    RUN_INFO,
+    TENSORBOARD,
+    is_temp_of,
+)
 from mileloss.train.checkpoint import _NAME, _RECORD_NAME, _TEMPORARY, checkpoint_steps, incomplete_steps
 
 logger = logging.getLogger(__name__)
@@ -54,27 +65,21 @@ __all__ = [
     "foreign_entries",
 ]
 
-LOCK_NAME = ".mileloss-train.lock"
-CHECKPOINT_DIR = "checkpoints"
-_TOP_FILES = {"config.yaml", "metrics.jsonl", "metrics.csv"}
-_CHECKPOINT_NAMES = (_NAME, _RECORD_NAME, _TEMPORARY)
-_TENSORBOARD_NAMES = (re.compile(r"^events\.out\.tfevents\..+$"),)
+LOCK_NAME = LOCK
+CHECKPOINT_DIR = CHECKPOINTS
+_TOP_FILES = {CONFIG, METRICS_JSONL, METRICS_CSV}
 # what save_pretrained (model and tokenizer) and export_final write into final/
 _FINAL_NAMES = (
-    re.compile(r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab"
-               r"|mileloss_run)\.json$"),
+    re.compile(r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab)\.json$"),
     re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$"),
     re.compile(r"^model\.safetensors\.index\.json$"),
     re.compile(r"^pytorch_model(-\d{5}-of-\d{5})?\.bin$"),
     re.compile(r"^pytorch_model\.bin\.index\.json$"),
     re.compile(r"^(merges\.txt|tokenizer\.model|chat_template\.jinja)$"),
-    re.compile(r"^\.mileloss_run\.json\.tmp-\d+$"),
 )
-# write_text_atomic's temporary files of the top-level files, left by a kill
-# and a stale lock moved aside by a takeover that was killed before removing it
-_TOP_TEMPORARY = re.compile(r"^\.(config\.yaml|metrics\.jsonl|metrics\.csv)\.tmp-\d+$"
-                            r"|^\.mileloss-train\.lock\.stale-\d+-[0-9a-f]{8}$")
-_SUBDIRS = {CHECKPOINT_DIR: _CHECKPOINT_NAMES, "tensorboard": _TENSORBOARD_NAMES, "final": _FINAL_NAMES}
+_SUBDIRS = {CHECKPOINTS: (_NAME, _RECORD_NAME, _TEMPORARY), TENSORBOARD: (re.compile(r"^events\.out\.tfevents\..+$"),),
+            FINAL: _FINAL_NAMES}
+_STALE_LOCK = re.compile(rf"^{re.escape(LOCK)}\.stale-\d+-[0-9a-f]{{8}}$")  # moved aside by a killed takeover
 _METRIC_KINDS = ("train", "val")
 
 
@@ -272,8 +277,7 @@ def _is_mileloss_csv(path: Path) -> bool:
         return False
 
 
-_TOP_CHECKS = {"config.yaml": _is_mileloss_config, "metrics.jsonl": _is_mileloss_metrics,
-               "metrics.csv": _is_mileloss_csv}
+_TOP_CHECKS = {CONFIG: _is_mileloss_config, METRICS_JSONL: _is_mileloss_metrics, METRICS_CSV: _is_mileloss_csv}
 
 
 def foreign_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -290,12 +294,13 @@ def foreign_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
             continue
         if stat.S_ISREG(mode) and entry.name in _TOP_FILES and _TOP_CHECKS[entry.name](entry):
             ours_files.append(entry)
-        elif stat.S_ISREG(mode) and _TOP_TEMPORARY.match(entry.name):
+        elif stat.S_ISREG(mode) and (is_temp_of(entry, _TOP_FILES) or _STALE_LOCK.match(entry.name)):
             ours_files.append(entry)
         elif stat.S_ISDIR(mode) and entry.name in _SUBDIRS:
             patterns = _SUBDIRS[entry.name]
             for child in sorted(entry.iterdir()):
-                if stat.S_ISREG(child.lstat().st_mode) and any(p.match(child.name) for p in patterns):
+                if stat.S_ISREG(child.lstat().st_mode) and (any(p.match(child.name) for p in patterns) or (
+                        entry.name == FINAL and (child.name == RUN_INFO or is_temp_of(child, {RUN_INFO})))):
                     ours_files.append(child)
                 else:
                     foreign.append(child)
