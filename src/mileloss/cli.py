@@ -7,7 +7,7 @@ it raises, and this module turns what it raised into an exit status and one line
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import collections
 import importlib
 import logging
 import os
@@ -22,15 +22,9 @@ EXIT_CODES = """exit status:
   Errors are one line, `mileloss <verb>: error: <message>`; anything else prints a traceback (a bug: report it)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Verb:
-    module: str
-    help: str
-    again: str = "run the same command again"
-    """What to do after an interruption or an I/O error."""
-    smaller: str = "use a smaller model or batch"
-    """What to do after running out of memory."""
-
+Verb = collections.namedtuple("Verb", "module help again smaller", defaults=(
+    "run the same command again", "use a smaller model or batch"))
+"""A verb's module, its help line, what to do after an interruption or I/O error, and after running out of memory."""
 
 VERBS = {
     "data": Verb("mileloss.data.cli", "prepare a corpus: tokenizer, token shards, manifest",
@@ -63,30 +57,21 @@ def setup_logging(quiet: bool = False, verbose: int = 0) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
-    return (bool(oom) and isinstance(error, oom)) or (
-        isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
-
-
 def _failure(error: BaseException, verb: Verb) -> tuple[int, str] | None:
     """``(exit status, message)`` for an error of the policy in :data:`EXIT_CODES`; None for a bug."""
     from mileloss.errors import MileLossError, StageError
 
     cause = error.__cause__ if isinstance(error, StageError) else None
     if isinstance(error, OSError) or isinstance(cause, OSError):
-        failed = cause if isinstance(cause, OSError) else error
-        where = f" ({failed.filename})" if failed.filename and cause is None else ""
-        text = str(error) if cause is not None or not failed.strerror else failed.strerror
-        return 1, f"{text}{where}; {verb.again}"
+        where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
+        return 1, f"{getattr(error, 'strerror', None) or error}{where}; {verb.again}"
     if isinstance(error, MileLossError):
         return 2, str(error)
     if isinstance(error, ModuleNotFoundError):
         return 2, f"{error}; install the missing package"
-    if _out_of_memory(error):
+    torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", MemoryError)
+    if isinstance(error, (MemoryError, torch_oom)) or (isinstance(error, RuntimeError) and "DefaultCPUAllocator" in
+                                                        str(error)):
         return 1, f"out of memory ({' '.join(str(error).split())[:300]}): {verb.smaller}"
     return None
 

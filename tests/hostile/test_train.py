@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from mileloss.cli import main as cli
+from mileloss.run_folder import LOCK as LOCK_NAME
 from mileloss.train import (
     CheckpointChecksumError,
     ConfigValueError,
@@ -36,7 +37,6 @@ from mileloss.train import (
 )
 from mileloss.train.checkpoint import checkpoint_steps, load_checkpoint
 from mileloss.train.metrics import read_metrics
-from mileloss.train.rundir import LOCK_NAME
 from tests.train._train_utils import REPO, run_and_kill_at, tiny_overrides
 from tests.train.conftest import make_words_data
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mileloss.run_folder import LOCK as LOCK_NAME
 from mileloss.train import load_config, train
 from mileloss.train.checkpoint import checkpoint_steps, load_checkpoint
 from mileloss.train.metrics import read_metrics
-from mileloss.train.rundir import LOCK_NAME
 from tests.train._train_utils import run_and_kill_at, run_training, tiny_overrides
 
 # One thread: CPU float reductions are then bitwise reproducible across processes.

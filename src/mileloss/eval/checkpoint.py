@@ -48,11 +48,6 @@ class Checkpoint:
     run_dir: Path | None
     run_info: dict
 
-    @property
-    def default_out_dir(self) -> Path:
-        """``RUN_DIR/eval`` for a run, ``CHECKPOINT/eval`` for a bare checkpoint."""
-        return RunFolder(self.run_dir if self.run_dir is not None else self.path).eval_dir
-
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
     """Locate the model of a run folder or validate a checkpoint folder.

@@ -29,9 +29,9 @@ from mileloss.eval.checkpoint import (
     torch_dtype,
 )
 from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, parse_task_list, run_lm_eval
-from mileloss.eval.outputs import check_output_folder, create_output_folder
+from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
 from mileloss.eval.perplexity import evaluate_perplexity
-from mileloss.run_folder import LM_EVAL, PERPLEXITY, data_identity, is_temp_of, read_json_object, write_atomic
+from mileloss.run_folder import LM_EVAL, PERPLEXITY, RunFolder, data_identity
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def evaluate(
     checkpoint = resolve_checkpoint(path)
     model_sizes(checkpoint)  # a malformed config.json is named here, before anything loads it
     loss = run_loss_settings(checkpoint)
-    out = Path(out_dir) if out_dir is not None else checkpoint.default_out_dir
+    out = Path(out_dir) if out_dir is not None else RunFolder(checkpoint.run_dir or checkpoint.path).eval_dir
     flag = "--out" if out_dir is not None else "output folder"
     _check_out(out, flag, checkpoint)
     with _new_folder_removed_on_failure(out, flag):

@@ -53,20 +53,9 @@ from mileloss.train.checkpoint import _NAME, _RECORD_NAME, _TEMPORARY, checkpoin
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "LOCK_NAME",
-    "NoCheckpointError",
-    "FolderBusyError",
-    "OutputFolderError",
-    "RunFolderNotEmptyError",
-    "RunLock",
-    "check_out_path",
-    "claim_run_folder",
-    "foreign_entries",
-]
+__all__ = ["FolderBusyError", "NoCheckpointError", "OutputFolderError", "RunFolderNotEmptyError", "RunLock",
+           "check_out_path", "claim_run_folder", "foreign_entries"]
 
-LOCK_NAME = LOCK
-CHECKPOINT_DIR = CHECKPOINTS
 _TOP_FILES = {CONFIG, METRICS_JSONL, METRICS_CSV}
 # what save_pretrained (model and tokenizer) and export_final write into final/
 _FINAL_NAMES = (
@@ -131,7 +120,7 @@ class RunLock:
     """The run folder's lock file (see the module docstring). Use :meth:`acquire` / :meth:`release`."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_NAME
+        self.path = Path(run_dir) / LOCK
         self.token = uuid.uuid4().hex
         self.held = False
 
@@ -214,7 +203,7 @@ class RunLock:
 
     def _take_over(self, stale: dict) -> None:
         """Move the stale lock aside; if what was moved is not the lock judged stale, put it back and refuse."""
-        aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}-{self.token[:8]}")
+        aside = self.path.with_name(f"{LOCK}.stale-{os.getpid()}-{self.token[:8]}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -290,7 +279,7 @@ def foreign_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
     foreign: list[Path] = []
     for entry in sorted(run_dir.iterdir()):
         mode = entry.lstat().st_mode
-        if entry.name == LOCK_NAME:
+        if entry.name == LOCK:
             continue
         if stat.S_ISREG(mode) and entry.name in _TOP_FILES and _TOP_CHECKS[entry.name](entry):
             ours_files.append(entry)
@@ -318,9 +307,9 @@ def _listing(paths: list[Path], run_dir: Path, limit: int = 4) -> str:
 
 def _prepare_contents(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """With the lock held: check what ``run_dir`` holds against the mode, and clear it for ``overwrite``."""
-    entries = [e for e in sorted(run_dir.iterdir()) if e.name != LOCK_NAME]
+    entries = [e for e in sorted(run_dir.iterdir()) if e.name != LOCK]
     if resume:
-        directory = run_dir / CHECKPOINT_DIR
+        directory = run_dir / CHECKPOINTS
         if not checkpoint_steps(directory):
             incomplete = incomplete_steps(directory)
             found = (f" (step_*.pt of steps {incomplete} have no checksum record: incomplete, or written by an "
