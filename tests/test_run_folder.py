@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mileloss.run_folder import RunFolder, is_temp_of, write_atomic
+from mileloss.run_folder import RunFolder, is_temp_of, parse_metric_lines, write_atomic
 
 
 def test_the_layout_is_named_once(tmp_path):
@@ -47,3 +47,10 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_metric_lines_are_parsed_once_for_train_resume_and_overwrite():
+    text = '{"kind": "train", "step": 1, "loss": 2.0}\n\n{"kind": "val", "step": 1}\n{"kind": "other", "step": 1}\n{"ki'
+    lines, other = parse_metric_lines(text)
+    assert [line["kind"] for line in lines] == ["train", "val"]
+    assert other == ['{"kind": "other", "step": 1}', '{"ki']

@@ -25,7 +25,8 @@ import os
 import uuid
 from pathlib import Path
 
-__all__ = ["RunFolder", "data_identity", "describe_differences", "is_temp_of", "read_json_object", "write_atomic"]
+__all__ = ["RunFolder", "data_identity", "describe_differences", "is_temp_of", "parse_metric_lines", "read_json_object",
+           "write_atomic"]
 
 CONFIG, METRICS_JSONL, METRICS_CSV = "config.yaml", "metrics.jsonl", "metrics.csv"
 CHECKPOINTS, TENSORBOARD, FINAL, EVAL = "checkpoints", "tensorboard", "final", "eval"
@@ -65,6 +66,22 @@ def read_json_object(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def parse_metric_lines(text: str) -> tuple[list[dict], list[str]]:
+    """The metric lines of ``metrics.jsonl`` text (JSON objects with a train/val ``kind`` and an integer ``step``),
+    and its other non-blank lines (a kill may cut the last line short)."""
+    lines, other = [], []
+    for raw in filter(str.strip, text.splitlines()):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            line = None
+        if isinstance(line, dict) and line.get("kind") in ("train", "val") and isinstance(line.get("step"), int):
+            lines.append(line)
+        else:
+            other.append(raw)
+    return lines, other
 
 
 @dataclasses.dataclass(frozen=True)

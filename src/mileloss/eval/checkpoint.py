@@ -11,14 +11,13 @@ from safetensors where present, and pickled ``*.bin`` weights are first opened w
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
 from pathlib import Path
 
 from mileloss.errors import CheckpointError, EvalArgumentError, EvalDataError, TokenizerMismatchError
-from mileloss.run_folder import FINAL, RUN_INFO, RunFolder
+from mileloss.run_folder import FINAL, RUN_INFO, RunFolder, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +98,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from error
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    value = read_json_object(path)
+    if value is None:
+        raise CheckpointError(f"{path}: not a readable JSON file holding an object")
     return value
 
 

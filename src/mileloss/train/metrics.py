@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mileloss.run_folder import RunFolder, write_atomic
+from mileloss.run_folder import RunFolder, parse_metric_lines, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +23,9 @@ TRAIN_FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_second"
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """Lines of a ``metrics.jsonl``, optionally only those of one ``kind`` ("train" or "val")."""
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [line for line in lines if kind is None or line.get("kind") == kind]
+    """Metric lines of a ``metrics.jsonl`` (not a line cut short by a kill), optionally only one ``kind``."""
+    lines, _ = parse_metric_lines(Path(path).read_text(encoding="utf-8", errors="replace"))
+    return [line for line in lines if kind is None or line["kind"] == kind]
 
 
 class MetricsLogger:
@@ -57,19 +57,11 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int) -> None:
         """Keep the lines up to ``step``; both files are replaced atomically (a kill here loses no line)."""
-        kept = []
         text = self.jsonl_path.read_text(encoding="utf-8", errors="replace") if self.jsonl_path.exists() else ""
-        for raw in text.splitlines():
-            try:
-                line = json.loads(raw)
-            except ValueError:  # the last line of a killed process may be cut short
-                line = None
-            if not (isinstance(line, dict) and isinstance(line.get("step"), int) and line.get("kind") in (
-                    "train", "val")):
-                logger.warning("dropping an unreadable line of %s: %r", self.jsonl_path, raw[:80])
-                continue
-            if line["step"] <= step:
-                kept.append(line)
+        lines, other = parse_metric_lines(text)
+        for raw in other:
+            logger.warning("dropping an unreadable line of %s: %r", self.jsonl_path, raw[:80])
+        kept = [line for line in lines if line["step"] <= step]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, TRAIN_FIELDS, lineterminator="\n")
         writer.writeheader()

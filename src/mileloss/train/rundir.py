@@ -48,6 +48,7 @@ from mileloss.run_folder import (
     RUN_INFO,
     TENSORBOARD,
     is_temp_of,
+    parse_metric_lines,
 )
 from mileloss.train.checkpoint import _NAME, _RECORD_NAME, _TEMPORARY, checkpoint_steps, incomplete_steps
 
@@ -69,7 +70,6 @@ _FINAL_NAMES = (
 _SUBDIRS = {CHECKPOINTS: (_NAME, _RECORD_NAME, _TEMPORARY), TENSORBOARD: (re.compile(r"^events\.out\.tfevents\..+$"),),
             FINAL: _FINAL_NAMES}
 _STALE_LOCK = re.compile(rf"^{re.escape(LOCK)}\.stale-\d+-[0-9a-f]{{8}}$")  # moved aside by a killed takeover
-_METRIC_KINDS = ("train", "val")
 
 
 def check_out_path(out: str | os.PathLike) -> Path:
@@ -239,21 +239,13 @@ def _is_mileloss_config(path: Path) -> bool:
 
 
 def _is_mileloss_metrics(path: Path) -> bool:
-    """Every line a JSON object with a train/val ``kind`` and a step; the last one may be cut short (a kill)."""
+    """Every line a metric line, but maybe the last after some that are (a kill may cut it short)."""
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    for index, raw in enumerate(lines):
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            if index == len(lines) - 1:
-                continue
-            return False
-        if not (isinstance(line, dict) and line.get("kind") in _METRIC_KINDS and isinstance(line.get("step"), int)):
-            return False
-    return True
+    lines, other = parse_metric_lines(text)
+    return not other or (other == list(filter(str.strip, text.splitlines()))[-1:] and bool(lines))
 
 
 def _is_mileloss_csv(path: Path) -> bool:
