@@ -176,7 +176,11 @@ def reproduce(
               disable=not sys.stderr.isatty()) as stages:
         stages.set_postfix_str(f"data {corpus}")
         with _stage(f"data {corpus}"):
-            if _data_ready(data_dir, plan.vocab_size, load_manifest):
+            if (data_dir / "manifest.json").exists():
+                vocab_size = load_manifest(data_dir, verify=True).vocab_size
+                if vocab_size != plan.vocab_size:
+                    raise DataError(f"{data_dir} holds data with vocab {vocab_size}, but this budget uses "
+                                    f"{plan.vocab_size}; choose another --out or delete {data_dir}")
                 log.info("data: %s already prepared", data_dir)
             else:
                 prepare_corpus([corpus], data_dir, vocab_size=plan.vocab_size, seed=0, cache_dir=cache_dir)
@@ -188,11 +192,11 @@ def reproduce(
                 if RunFolder(run_dir).finished:
                     log.info("train: %s already finished", run_dir)
                 else:
-                    config = train_config(plan, data_dir, run_dir, loss, seed, device)
                     # resume from the last complete checkpoint; a run stopped before its first one starts afresh
                     # (train's overwrite removes only what train wrote, and refuses anything else)
                     resumable = bool(checkpoint_steps(RunFolder(run_dir).checkpoints))
-                    train(config, resume=resumable, overwrite=run_dir.exists() and not resumable)
+                    train(train_config(plan, data_dir, run_dir, loss, seed, device), resume=resumable,
+                          overwrite=run_dir.exists() and not resumable)
             stages.update()
 
         for _, _, run_dir in runs:
@@ -212,16 +216,6 @@ def reproduce(
     summary.update(complete=True, report=str(report), seconds=round(time.time() - started, 1))
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return report
-
-
-def _data_ready(data_dir: Path, vocab_size: int, load_manifest) -> bool:
-    if not (data_dir / "manifest.json").exists():
-        return False
-    manifest = load_manifest(data_dir, verify=True)
-    if manifest.vocab_size != vocab_size:
-        raise DataError(f"{data_dir} holds data with vocab {manifest.vocab_size}, but this budget uses "
-                         f"{vocab_size}; choose another --out or delete {data_dir}")
-    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

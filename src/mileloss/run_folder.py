@@ -101,7 +101,6 @@ class RunFolder:
     final = property(lambda self: self.path / FINAL)
     run_info_path = property(lambda self: self.path / FINAL / RUN_INFO)
     eval_dir = property(lambda self: self.path / EVAL)
-    lock = property(lambda self: self.path / LOCK)
 
     @property
     def finished(self) -> bool:
