@@ -81,8 +81,7 @@ def run_verb(name: str, argv: list[str]) -> int:
     verb = VERBS[name]
     module = importlib.import_module(verb.module)
     parser = module.build_parser()
-    if not any("--quiet" in action.option_strings for action in parser._actions):
-        parser.add_argument("--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--quiet", action="store_true", help="log warnings only")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log debug messages too")
     parser.epilog = f"{parser.epilog}\n\n{EXIT_CODES}" if parser.epilog else EXIT_CODES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -42,11 +42,9 @@ def _identities(runs: Sequence[RunRecord]) -> tuple[list[dict], list[dict | None
 
     trained, evaluated, unverified = [], [], []
     for run in runs:
-        recorded = run.run_info.get("data")
-        if isinstance(recorded, dict) and recorded.get("readable"):
-            train = dict(recorded)
-        else:
-            train = identity(run.data_dir) if run.data_dir else {"readable": False, "vocab_size": None}
+        recorded = run.run_info.get("data") or {}  # recorded at training time; else the data folder read now
+        train = dict(recorded) if recorded.get("readable") else identity(run.data_dir) if run.data_dir else {
+            "readable": False, "vocab_size": None}
         if not train.get("readable"):
             train["vocab_size"] = run.vocab_size
             where = f"data directory {run.data_dir} is not readable" if run.data_dir else "no data directory recorded"

@@ -109,17 +109,9 @@ def check_shape(value, spec, where: str) -> None:
 
 @dataclasses.dataclass
 class RunRecord:
-    """One run folder, read.
-
-    Attributes:
-        path: the run folder.
-        config: ``config.yaml`` (empty if absent).
-        train: training lines of ``metrics.jsonl`` (``step``, ``tokens``, ``loss``...).
-        val: validation lines (``step``, ``tokens``, ``val_loss``, ``val_ppl``).
-        perplexity: ``eval/perplexity.json`` or None.
-        lm_eval: ``eval/lm_eval.json`` or None.
-        run_info: ``final/mileloss_run.json`` or {}.
-    """
+    """One run folder (:mod:`mileloss.run_folder`), read: ``config.yaml`` ({} if absent), the train and val lines of
+    ``metrics.jsonl``, ``eval/perplexity.json`` and ``eval/lm_eval.json`` (None if absent), ``final/mileloss_run.json``
+    ({} if absent)."""
 
     path: Path
     config: dict

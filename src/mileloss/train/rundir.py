@@ -37,19 +37,8 @@ from pathlib import Path
 import torch
 import yaml
 
+import mileloss.run_folder as layout
 from mileloss.errors import FolderBusyError, NoCheckpointError, OutputFolderError, RunFolderNotEmptyError
-from mileloss.run_folder import (
-    CHECKPOINTS,
-    CONFIG,
-    FINAL,
-    LOCK,
-    METRICS_CSV,
-    METRICS_JSONL,
-    RUN_INFO,
-    TENSORBOARD,
-    is_temp_of,
-    parse_metric_lines,
-)
 from mileloss.train.checkpoint import _NAME, _RECORD_NAME, _TEMPORARY, checkpoint_steps, incomplete_steps
 
 logger = logging.getLogger(__name__)
@@ -57,7 +46,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FolderBusyError", "NoCheckpointError", "OutputFolderError", "RunFolderNotEmptyError", "RunLock",
            "check_out_path", "claim_run_folder", "foreign_entries"]
 
-_TOP_FILES = {CONFIG, METRICS_JSONL, METRICS_CSV}
+_TOP_FILES = {layout.CONFIG, layout.METRICS_JSONL, layout.METRICS_CSV}
 # what save_pretrained (model and tokenizer) and export_final write into final/
 _FINAL_NAMES = (
     re.compile(r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab)\.json$"),
@@ -66,10 +55,11 @@ _FINAL_NAMES = (
     re.compile(r"^pytorch_model(-\d{5}-of-\d{5})?\.bin$"),
     re.compile(r"^pytorch_model\.bin\.index\.json$"),
     re.compile(r"^(merges\.txt|tokenizer\.model|chat_template\.jinja)$"),
+    re.compile(rf"^{re.escape(layout.RUN_INFO)}$"),
 )
-_SUBDIRS = {CHECKPOINTS: (_NAME, _RECORD_NAME, _TEMPORARY), TENSORBOARD: (re.compile(r"^events\.out\.tfevents\..+$"),),
-            FINAL: _FINAL_NAMES}
-_STALE_LOCK = re.compile(rf"^{re.escape(LOCK)}\.stale-\d+-[0-9a-f]{{8}}$")  # moved aside by a killed takeover
+_SUBDIRS = {layout.CHECKPOINTS: (_NAME, _RECORD_NAME, _TEMPORARY), layout.FINAL: _FINAL_NAMES,
+            layout.TENSORBOARD: (re.compile(r"^events\.out\.tfevents\..+$"),)}
+_STALE_LOCK = re.compile(rf"^{re.escape(layout.LOCK)}\.stale-\d+-[0-9a-f]{{8}}$")  # moved aside by a killed takeover
 
 
 def check_out_path(out: str | os.PathLike) -> Path:
@@ -120,7 +110,7 @@ class RunLock:
     """The run folder's lock file (see the module docstring). Use :meth:`acquire` / :meth:`release`."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
+        self.path = Path(run_dir) / layout.LOCK
         self.token = uuid.uuid4().hex
         self.held = False
 
@@ -203,7 +193,7 @@ class RunLock:
 
     def _take_over(self, stale: dict) -> None:
         """Move the stale lock aside; if what was moved is not the lock judged stale, put it back and refuse."""
-        aside = self.path.with_name(f"{LOCK}.stale-{os.getpid()}-{self.token[:8]}")
+        aside = self.path.with_name(f"{layout.LOCK}.stale-{os.getpid()}-{self.token[:8]}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -244,7 +234,7 @@ def _is_mileloss_metrics(path: Path) -> bool:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    lines, other = parse_metric_lines(text)
+    lines, other = layout.parse_metric_lines(text)
     return not other or (other == list(filter(str.strip, text.splitlines()))[-1:] and bool(lines))
 
 
@@ -258,7 +248,8 @@ def _is_mileloss_csv(path: Path) -> bool:
         return False
 
 
-_TOP_CHECKS = {CONFIG: _is_mileloss_config, METRICS_JSONL: _is_mileloss_metrics, METRICS_CSV: _is_mileloss_csv}
+_TOP_CHECKS = {layout.CONFIG: _is_mileloss_config, layout.METRICS_JSONL: _is_mileloss_metrics,
+               layout.METRICS_CSV: _is_mileloss_csv}
 
 
 def foreign_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -271,17 +262,17 @@ def foreign_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
     foreign: list[Path] = []
     for entry in sorted(run_dir.iterdir()):
         mode = entry.lstat().st_mode
-        if entry.name == LOCK:
+        if entry.name == layout.LOCK:
             continue
         if stat.S_ISREG(mode) and entry.name in _TOP_FILES and _TOP_CHECKS[entry.name](entry):
             ours_files.append(entry)
-        elif stat.S_ISREG(mode) and (is_temp_of(entry, _TOP_FILES) or _STALE_LOCK.match(entry.name)):
+        elif stat.S_ISREG(mode) and (layout.is_temp_of(entry, _TOP_FILES) or _STALE_LOCK.match(entry.name)):
             ours_files.append(entry)
         elif stat.S_ISDIR(mode) and entry.name in _SUBDIRS:
             patterns = _SUBDIRS[entry.name]
             for child in sorted(entry.iterdir()):
                 if stat.S_ISREG(child.lstat().st_mode) and (any(p.match(child.name) for p in patterns) or (
-                        entry.name == FINAL and (child.name == RUN_INFO or is_temp_of(child, {RUN_INFO})))):
+                        entry.name == layout.FINAL and layout.is_temp_of(child, {layout.RUN_INFO}))):
                     ours_files.append(child)
                 else:
                     foreign.append(child)
@@ -299,9 +290,9 @@ def _listing(paths: list[Path], run_dir: Path, limit: int = 4) -> str:
 
 def _prepare_contents(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """With the lock held: check what ``run_dir`` holds against the mode, and clear it for ``overwrite``."""
-    entries = [e for e in sorted(run_dir.iterdir()) if e.name != LOCK]
+    entries = [e for e in sorted(run_dir.iterdir()) if e.name != layout.LOCK]
     if resume:
-        directory = run_dir / CHECKPOINTS
+        directory = run_dir / layout.CHECKPOINTS
         if not checkpoint_steps(directory):
             incomplete = incomplete_steps(directory)
             found = (f" (step_*.pt of steps {incomplete} have no checksum record: incomplete, or written by an "
