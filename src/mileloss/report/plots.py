@@ -23,7 +23,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from mileloss.eval.outputs import write_atomic  # noqa: E402
 from mileloss.report.runs import RunGroup  # noqa: E402
-from mileloss.report.tables import Stat, bucket_names, reference_group, task_names  # noqa: E402
+from mileloss.report.tables import Stat, reference_group, reported_buckets, task_names  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _grouped_bars(axis, categories: list[str], groups: list[RunGroup], stats: di
 
 def plot_bucket_perplexity(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]], out: Path) -> Path | None:
     """Per-bucket perplexity (log scale) and, when a CE run is present, its relative change vs CE."""
-    buckets = bucket_names(groups)
+    buckets = reported_buckets(groups)
     if not buckets:
         return None
     colors = group_colors(groups)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from mileloss.report.runs import RunGroup, RunRecord
 
-__all__ = ["MISSING", "Stat", "Table", "bucket_names", "comparison_table", "group_metrics", "reference_group",
+__all__ = ["MISSING", "Stat", "Table", "reported_buckets", "comparison_table", "group_metrics", "reference_group",
            "task_names", "verdict"]
 
 MISSING = "—"
@@ -53,7 +53,7 @@ class Table:
     """Indices of rows that are section titles (one text cell spanning the table)."""
 
 
-def bucket_names(groups: list[RunGroup]) -> list[tuple[str, str]]:
+def reported_buckets(groups: list[RunGroup]) -> list[tuple[str, str]]:
     """``(name, label)`` of the frequency buckets, from the first run with ``perplexity.json``."""
     for group in groups:
         for run in group.runs:
@@ -133,7 +133,7 @@ def comparison_table(groups: list[RunGroup]) -> tuple[Table, dict[str, dict[str,
     Returns:
         ``(table, metrics)`` with ``metrics[group.label][key]`` as in :func:`group_metrics`.
     """
-    buckets, tasks = bucket_names(groups), task_names(groups)
+    buckets, tasks = reported_buckets(groups), task_names(groups)
     metrics = {g.label: group_metrics(g, buckets, tasks) for g in groups}
     reference = reference_group(groups)
     ref = metrics[reference.label] if reference is not None else None
@@ -196,7 +196,7 @@ def verdict(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]]) -> str:
     e.g. "MiLe γ=1 σ=1 has the lowest perplexity on the low-frequency bucket (15.371 vs CE 15.517, −0.94%);
     high: CE (4.390); overall: MiLe γ=1 σ=1 (7.12 vs CE 7.15, −0.42%); best benchmark average: ..."
     """
-    buckets = bucket_names(groups)
+    buckets = reported_buckets(groups)
     reference = reference_group(groups)
     ref = metrics[reference.label] if reference is not None else None
 
