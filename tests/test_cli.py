@@ -10,7 +10,7 @@ from mileloss import cli
 from mileloss.errors import DataError, StageError
 
 BAD_INPUTS = {
-    "data": (["--corpus", "shakespeare", "--out", "{tmp}/d", "--val-fraction", "1"], "val_fraction must be in"),
+    "data": (["--corpus", "shakespeare", "--out", "{tmp}/d", "--val-fraction", "1"], "val-fraction must be in"),
     "train": (["run.out={tmp}/r", "run.batch_size=0"], "run.batch_size"),
     "eval": (["{tmp}/no-such-run", "--tasks", "none"], "no such run or checkpoint folder"),
     "report": (["{tmp}", "--out", "{tmp}/report"], "not a training run"),

@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mileloss"
-LAYERS = ["errors", "losses", "integrations", "data", "models", "train", "eval", "report", "reproduce", "cli"]
+LAYERS = ["errors", "run_folder", "losses", "integrations", "data", "models", "train", "eval", "dependencies",
+          "report", "reproduce", "cli"]
 # a module may import its own layer and the layers listed before it (integrations uses losses only)
 ALLOWED = {
     "errors": set(),

@@ -41,6 +41,10 @@ VERBS = {
                       "use a smaller --budget or --device cpu"),
 }
 
+VERB_FEATURES = {"data": "train", "train": "train", "eval": "train", "report": "report", "reproduce": "train"}
+"""The extra of ``mileloss[...]`` each verb needs (``mileloss.dependencies``); benchmarks are checked by eval and
+reproduce once they know whether any task will run."""
+
 
 def _usage() -> str:
     lines = ["usage: mileloss [--version] <verb> [args...]", "", "verbs:"]
@@ -79,6 +83,14 @@ def _failure(error: BaseException, verb: Verb) -> tuple[int, str] | None:
 def run_verb(name: str, argv: list[str]) -> int:
     """Parse ``argv`` with the verb's parser, set up logging, run it, and apply the error policy."""
     verb = VERBS[name]
+    from mileloss.dependencies import require
+    from mileloss.errors import MileLossError
+
+    try:
+        require(VERB_FEATURES[name])  # every package the verb needs, before its module imports them
+    except MileLossError as error:
+        print(f"mileloss {name}: error: {error}", file=sys.stderr)
+        return 2
     module = importlib.import_module(verb.module)
     parser = module.build_parser()
     parser.add_argument("--quiet", action="store_true", help="log warnings only")

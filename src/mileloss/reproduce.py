@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mileloss.dependencies import require
 from mileloss.errors import ConfigError, DataError, StageError
 from mileloss.run_folder import RunFolder, is_temp_of, read_json_object, write_atomic
 
@@ -162,6 +163,7 @@ def reproduce(
     plan = BUDGETS[budget]
     plan = dataclasses.replace(plan, **{k: v for k, v in dict(
         tasks=tasks, task_limit=task_limit, max_steps=max_steps).items() if v is not None})
+    require("reproduce" if plan.tasks else "report", cache_dir=cache_dir)  # packages and benchmark files, first
     out = Path(out)
     check_output_folder(out, COMMAND, _owns)
     create_output_folder(out)

@@ -892,9 +892,9 @@ def test_a_corpus_file_that_is_not_a_regular_file_is_refused_instead_of_read_for
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--val-fraction", "nan"], "val_fraction must be in"),
-        (["--val-fraction", "1"], "val_fraction must be in"),
-        (["--max-shard-tokens", "0"], "max_shard_tokens must be"),
+        (["--val-fraction", "nan"], "val-fraction must be in"),
+        (["--val-fraction", "1"], "val-fraction must be in"),
+        (["--max-shard-tokens", "0"], "max-shard-tokens must be"),
     ],
 )
 def test_bad_arguments_fail_at_once_without_touching_out(tmp_path, corpus, capsys, monkeypatch, flags, message):

@@ -18,7 +18,6 @@ import threading
 import time
 
 from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS
-from mileloss.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +63,6 @@ def _exit_on_sigterm(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     from mileloss.data.prepare import prepare_corpus
 
-    if not 0 <= args.val_fraction < 1:  # checked here too: prepare_corpus raises a plain ValueError
-        raise ConfigError(f"--val-fraction: val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.max_shard_tokens < 1:
-        raise ConfigError(f"--max-shard-tokens: max_shard_tokens must be >= 1, got {args.max_shard_tokens}")
 
     started = time.perf_counter()
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -45,7 +45,7 @@ from mileloss.data.tokenizer import (
     train_tokenizer,
 )
 from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS, write_shards
-from mileloss.errors import TokenizerError
+from mileloss.errors import ConfigError, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,10 @@ def prepare_corpus(
         CorpusNotFoundError, EmptyCorpusError, CorpusFormatError, CorpusFetchError, TokenizerError.
     """
     started = time.perf_counter()
-    if not 0.0 <= val_fraction < 1.0:  # checked here too, so a typo fails before an hour of tokenizing
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= val_fraction < 1.0:  # checked first, so a typo fails before an hour of tokenizing
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if max_shard_tokens < 1:
-        raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
+        raise ConfigError(f"--max-shard-tokens must be >= 1, got {max_shard_tokens}")
     if tokenizer is None and vocab_size < NUM_BYTES + 1:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: byte-level BPE needs >= {NUM_BYTES + 1}")
     out_dir = resolve_out(out_dir)

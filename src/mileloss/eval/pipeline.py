@@ -29,6 +29,7 @@ from mileloss.eval.checkpoint import (
     torch_dtype,
 )
 from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, parse_task_list, run_lm_eval
+from mileloss.eval.lm_eval_bridge import benchmark_root as find_benchmark_files
 from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
 from mileloss.eval.perplexity import evaluate_perplexity
 from mileloss.run_folder import LM_EVAL, PERPLEXITY, RunFolder, data_identity
@@ -152,6 +153,8 @@ def evaluate(
     limit = _count(limit, "--limit", 1)
     torch_dtype(dtype)
     device = _resolve_device(device)
+    if task_names and benchmark_root is None:
+        find_benchmark_files(cache_dir)  # fetched (or found) now, not after the perplexity pass
 
     checkpoint = resolve_checkpoint(path)
     model_sizes(checkpoint)  # a malformed config.json is named here, before anything loads it

@@ -517,6 +517,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | list
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a kill leaves the old file or the new one)."""
-    from mileloss.train.files import write_text_atomic
+    from mileloss.run_folder import write_atomic
 
-    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
