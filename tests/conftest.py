@@ -1,9 +1,16 @@
 """Shared test settings: one seed, tolerances stated once, an assert_close that shows the worst elements."""
 
+import os
 import random
 
 import pytest
 import torch
+
+# MILELOSS_TEST_DEVICE=cuda runs the suite on that device: every tensor a test creates without naming a device
+# lands there (torch.set_default_device), the oracle's float64 tensors too. CPU by default, and in CI.
+TEST_DEVICE = os.environ.get("MILELOSS_TEST_DEVICE", "cpu")
+if TEST_DEVICE != "cpu":
+    torch.set_default_device(TEST_DEVICE)
 
 # float64 runs the engine in float64, so it must agree with the float64 oracle to rounding
 TOLERANCES = {

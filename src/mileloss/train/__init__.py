@@ -1,7 +1,7 @@
 """Pretraining: config dataclasses, the training loop, checkpoints and the final export.
 
 >>> from mileloss.train import load_config, train
->>> run_dir = train(load_config("configs/tiny.yaml", ["loss.kind=mile", "run.out=runs/mile"]))  # doctest: +SKIP
+>>> run_dir = train(load_config("tiny", ["loss.kind=mile", "run.out=runs/mile"]))  # doctest: +SKIP
 """
 
 from mileloss.train.checkpoint import CheckpointChecksumError, CheckpointError, UnsafeCheckpointError

@@ -1,9 +1,9 @@
 """``mileloss train``: parse the config file and overrides, then call :func:`mileloss.train.train`.
 
-    mileloss train configs/tiny.yaml loss.kind=mile run.out=runs/mile
-    mileloss train --config configs/tiny.yaml --run.max_steps 200 --resume
-    mileloss train configs/tiny.yaml run.out=runs/mile --overwrite      # replace a previous run's files
-    torchrun --nproc_per_node 2 -m mileloss train configs/tiny.yaml
+    mileloss train tiny loss.kind=mile run.out=runs/mile
+    mileloss train --config tiny run.max_steps=200 --resume
+    mileloss train tiny run.out=runs/mile --overwrite      # replace a previous run's files
+    torchrun --nproc_per_node 2 -m mileloss train tiny
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a LLaMA-style model with CE, focal or MiLe loss.",
         epilog=_keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="mileloss train [CONFIG.yaml | --config CONFIG.yaml] [key.sub=value ...] [--resume | --overwrite]",
+        usage="mileloss train [PRESET | CONFIG.yaml | --config ...] [key.sub=value ...] [--resume | --overwrite]",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", help="YAML config file (may also be given as the first positional argument)")
+    parser.add_argument("--config", help="a preset shipped with mileloss (tiny, small, 468M, 1.2B, 6.7B) or a YAML config file; "
+                                           "may also be given as the first positional argument")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a run.out that holds a previous run, removing that run's files "

@@ -1,7 +1,7 @@
 """The pretraining loop: a LLaMA-style model trained with CE, focal or MiLe loss on token shards.
 
-    mileloss train configs/tiny.yaml loss.kind=mile run.out=runs/mile
-    torchrun --nproc_per_node 2 -m mileloss train configs/tiny.yaml      # DDP, same global batch
+    mileloss train tiny loss.kind=mile run.out=runs/mile
+    torchrun --nproc_per_node 2 -m mileloss train tiny      # DDP, same global batch
 
 One optimizer step = ``grad_accum_steps`` micro-batches per process. The loss is computed from the last hidden
 states with the fused LM-head loss (the (tokens, vocab) logits never exist). With ``loss.normalize=weighted``
