@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         usage="mileloss train [PRESET | CONFIG.yaml | --config ...] [key.sub=value ...] [--resume | --overwrite]",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", help="a preset shipped with mileloss (tiny, small, 468M, 1.2B, 6.7B) or a YAML config file; "
-                                           "may also be given as the first positional argument")
+    parser.add_argument("--config", help="a preset shipped with mileloss (tiny, small, 468M, 1.2B, 6.7B) or a YAML "
+                                         "config file; may also be given as the first positional argument")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a run.out that holds a previous run, removing that run's files "
