@@ -251,7 +251,7 @@ def test_fused_call_with_empty_hidden_dimension_raises_shape_error():
 def test_numpy_targets_are_refused_by_type_not_by_device():
     logits, targets = small()
     with pytest.raises(NotATensorError, match="targets must be a torch.Tensor, got numpy.ndarray") as error:
-        mileloss.mile_loss(logits, targets.numpy())
+        mileloss.mile_loss(logits, targets.cpu().numpy())
     assert isinstance(error.value, TypeError) and isinstance(error.value, ValueError)
     with pytest.raises(NotATensorError, match="torch.from_numpy"):
         mileloss.linear_mile_loss(torch.randn(4, 3), torch.randn(5, 3), np.zeros(4, dtype=np.int64))

@@ -18,10 +18,10 @@ N, V, D = 700, 5003, 96  # odd sizes: chunks that do not divide the rows
 
 
 def _inputs(dtype):
-    generator = torch.Generator().manual_seed(7)
-    hidden = torch.randn(N, D, generator=generator, dtype=torch.float64)
-    weight = torch.randn(V, D, generator=generator, dtype=torch.float64) / D**0.5 * 3
-    targets = torch.randint(0, V, (N,), generator=generator)
+    generator = torch.Generator("cpu").manual_seed(7)
+    hidden = torch.randn(N, D, generator=generator, dtype=torch.float64, device="cpu")
+    weight = torch.randn(V, D, generator=generator, dtype=torch.float64, device="cpu") / D**0.5 * 3
+    targets = torch.randint(0, V, (N,), generator=generator, device="cpu")
     targets[::13] = -100
     # round to the working dtype once, so the oracle sees exactly the inputs the engine sees
     return hidden.to(dtype).double(), weight.to(dtype).double(), targets

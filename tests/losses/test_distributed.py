@@ -17,7 +17,7 @@ N, D, V = 24, 8, 37
 
 
 def full_batch(gamma=1.0):
-    generator = torch.Generator().manual_seed(7)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(7)
     hidden = torch.randn(N, D, generator=generator, dtype=torch.float64)
     weight = torch.randn(V, D, generator=generator, dtype=torch.float64)
     targets = torch.randint(0, V, (N,), generator=generator)

@@ -129,7 +129,7 @@ def test_unknown_keyword_is_a_type_error_naming_it():
 def test_fused_inputs_that_are_not_tensors_are_named(name):
     inputs = dict(hidden=torch.randn(4, 3), weight=torch.randn(5, 3), targets=torch.randint(0, 5, (4,)),
                   bias=torch.randn(5))
-    inputs[name] = inputs[name].tolist() if name != "targets" else inputs[name].numpy()
+    inputs[name] = inputs[name].tolist() if name != "targets" else inputs[name].cpu().numpy()
     with pytest.raises(NotATensorError, match=f"{name} must be a torch.Tensor"):
         mileloss.linear_mile_loss(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["bias"])
 

@@ -23,7 +23,7 @@ def grads_of(fn, *tensors, grad_output=None):
 
 def masked_logits(n=23, v=31, seed=0):
     """float64 logits with -inf in a random ~40% of the entries (never a whole row, never the target)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(seed)
     logits = torch.randn(n, v, generator=generator, dtype=torch.float64) * 2
     mask = torch.rand(n, v, generator=generator) < 0.4
     targets = torch.randint(0, v, (n,), generator=generator)
@@ -45,7 +45,9 @@ def test_minus_inf_logits_match_the_oracle_on_every_path(weighting, reduction, d
         hidden, head = torch.randn(23, 6, dtype=torch.float64), torch.randn(31, 6, dtype=torch.float64)
         bias = torch.zeros(31, dtype=torch.float64)
         bias[::3] = -INF  # masked classes; no target among them
-        targets = torch.where(targets >= 0, targets - targets % 3 + 1, targets)
+        moved = targets - targets % 3 + 1  # the next class not masked ...
+        moved = torch.where(moved < 31, moved, moved - 3)  # ... inside the vocabulary (30 -> 28, not 31)
+        targets = torch.where(targets >= 0, moved, targets)
         ours, our_grads = grads_of(lambda h, w: mileloss.linear_token_weighted_loss(
             h, w, targets, bias, weighting=weighting, chunk_size=4, **options), hidden, head, grad_output=go)
         want, want_grads = grads_of(lambda h, w: reference.loss(h @ w.T + bias, targets, weighting, **options),
@@ -76,7 +78,7 @@ def test_minus_inf_logits_in_paper_mode_and_stats(weighting):
 
 def peaked_logits(n=40, v=64, seed=1):
     """Rows from near-uniform to near-one-hot (scales 0.1 .. 40), so H spans ~1e-12 .. ln V."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(seed)
     scales = torch.logspace(-1, math.log10(40), n, dtype=torch.float64)[:, None]
     logits = torch.randn(n, v, generator=generator, dtype=torch.float64) * scales
     targets = torch.randint(0, v, (n,), generator=generator)
@@ -120,7 +122,7 @@ def test_float32_weighted_mean_is_finite_and_close_over_the_range(weighting, gam
 def test_fused_accumulators_are_rescaled_when_a_later_chunk_has_larger_weights():
     # rows sorted from peaked to flat: every chunk raises the running max of the log-weights, so the weight and
     # bias gradients are rescaled at each chunk; gamma = 40 spreads the weights over ~1e40
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(3)
     n, d, v = 36, 5, 50
     hidden = torch.randn(n, d, generator=generator, dtype=torch.float64)
     hidden = hidden * torch.linspace(8, 0.05, n, dtype=torch.float64)[:, None]
@@ -178,7 +180,7 @@ def test_float16_logits_with_large_weights_keep_a_finite_gradient():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_retained_graph_gives_the_same_gradient_on_every_backward(fused):
-    generator = torch.Generator().manual_seed(4)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(4)
     hidden = torch.randn(14, 4, generator=generator, dtype=torch.float64)
     weight = torch.randn(9, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 9, (14,), generator=generator)

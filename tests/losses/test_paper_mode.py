@@ -72,7 +72,7 @@ def test_paper_gradients_match_the_official_formula():
 def test_paper_mode_on_peaked_logits_equals_the_official_formula_at_float64_tolerance(weighting, fused):
     # a third of the rows has p < 1e-8 in most columns: the official clamp makes each of those columns add
     # -1e-8 log 1e-8 ~ 1.8e-7 to H instead of ~0, a change far above float64 tolerance
-    generator = torch.Generator().manual_seed(11)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(11)
     n, d, v = 30, 12, 160
     hidden = torch.randn(n, d, generator=generator, dtype=torch.float64)
     hidden[: n // 3] *= 6.0
