@@ -271,3 +271,56 @@ class StageError(MileLossError):
     def __init__(self, stage: str, error: BaseException):
         super().__init__(f"{stage}: {error}")
         self.stage = stage
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (RunError group, continued) the per-block sums of an evaluation, for paired intervals in the report
+
+
+class BlocksFileError(ReportError):
+    """An evaluation's ``eval/blocks.npz`` is unreadable, malformed, or differs from the sha256 that
+    ``perplexity.json`` recorded for it; re-run ``mileloss eval``."""
+
+
+class BlockMismatchError(ReportError):
+    """Two runs paired for an interval were not evaluated on the same held-out blocks (block starts, lengths,
+    tokens or frequency buckets differ): evaluate both with the same data, ``--max-tokens``, ``--seq-len`` and
+    ``--buckets``."""
+
+
+class TokenWeightError(LossInputError):
+    """``token_weights`` holds a negative, NaN or infinite value (a loss's per-token weights must be finite and
+    >= 0; 0 excludes the token)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (ConfigError and DataError groups, continued) domain mixtures of `mileloss data --mix`
+
+
+class MixtureError(ConfigError):
+    """A ``--mix`` is unusable: an unknown preset, a file that is not a YAML/JSON mapping of domain -> weight,
+    a weight that is negative or not finite, no positive weight, or ``--mix`` without a ``--domain-field``."""
+
+
+class DomainMismatchError(DataError):
+    """The corpus holds a domain the ``--mix`` does not name (a typo would silently drop it): give it a weight,
+    or weight 0 to leave it out on purpose."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a model or trainer handed to an integration (``mileloss.integrations``) cannot be used as asked
+
+
+class IntegrationError(MileLossError):
+    """A model or trainer that ``mileloss.integrations`` cannot patch or drive; the message names what is
+    missing."""
+
+
+class UnsupportedModelError(IntegrationError):
+    """``apply_mileloss`` was given a model it cannot fuse exactly: an unverified family, a missing body or
+    ``nn.Linear`` head, a wrapper (PEFT), or a logit transform the engine lacks (Gemma's final-logit softcap)."""
+
+
+class TrainerSetupError(IntegrationError):
+    """``MiLeTrainer`` cannot normalise exactly with this setup: an unpatched model, a ``compute_loss_func`` or
+    label smoother, DeepSpeed/FSDP, DataParallel, or a ``transformers`` without the hooks it overrides."""

@@ -7,7 +7,8 @@
       tensorboard/               optional scalars
       final/                     the ``save_pretrained`` model and tokenizer, and ``mileloss_run.json``: the run's
                                  metadata, written once and last (its presence means the export is complete)
-      eval/                      ``perplexity.json`` and ``lm_eval.json`` (``mileloss eval``)
+      eval/                      ``perplexity.json``, ``blocks.npz`` (per-window, per-bucket sums of cross-entropy and
+                                 token counts, for paired intervals) and ``lm_eval.json`` (``mileloss eval``)
       .mileloss-train.lock       who is writing the folder (``mileloss.train.rundir``)
 
 ``mileloss_run.json`` holds ``{"loss", "data_dir", "data", "steps", "tokens", "seed", "model"}``; ``data`` is the
@@ -31,6 +32,7 @@ __all__ = ["RunFolder", "data_identity", "describe_differences", "is_temp_of", "
 CONFIG, METRICS_JSONL, METRICS_CSV = "config.yaml", "metrics.jsonl", "metrics.csv"
 CHECKPOINTS, TENSORBOARD, FINAL, EVAL = "checkpoints", "tensorboard", "final", "eval"
 RUN_INFO, PERPLEXITY, LM_EVAL = "mileloss_run.json", "perplexity.json", "lm_eval.json"
+BLOCKS = "blocks.npz"
 LOCK = ".mileloss-train.lock"
 TEMP_SUFFIX = ".tmp"
 

@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from mileloss.cli import main as cli
@@ -84,3 +85,45 @@ def test_missing_data_manifest_is_rejected(tmp_path, checkpoint_dir):
 def test_missing_checkpoint_folder_is_rejected(tmp_path, data_dir):
     with pytest.raises(CheckpointError, match="no such run or checkpoint folder"):
         evaluate(tmp_path / "nothing", data_dir, tasks="none")
+
+
+def test_eval_writes_blocks_whose_sums_equal_the_perplexity_totals_exactly(run_dir, data_dir):
+    import hashlib
+    import math
+
+    from mileloss.eval.perplexity import read_blocks
+
+    assert main([str(run_dir), "--data", str(data_dir), "--tasks", "none", "--max-tokens", "100"]) == 0
+    result = json.loads((run_dir / "eval" / "perplexity.json").read_text())
+    path = run_dir / "eval" / "blocks.npz"
+    assert result["blocks"] == {"file": "blocks.npz", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                "num_blocks": 4, "block": "evaluation window", "seq_len": 32}
+    blocks = read_blocks(path, result["blocks"]["sha256"])
+    assert blocks.start.tolist() == [0, 32, 64, 96] and blocks.length.tolist() == [32, 32, 32, 4]
+    assert blocks.bucket_names == tuple(b["name"] for b in result["buckets"])
+    sums, counts = blocks.totals()
+    assert sums == [b["ce_sum"] for b in result["buckets"]]  # exactly: the same floats
+    assert counts == [b["num_tokens"] for b in result["buckets"]]
+    assert math.fsum(blocks.ce_sum.ravel().tolist()) == result["overall"]["ce_sum"]
+    assert int(blocks.count.sum()) == result["overall"]["num_tokens"] == 100
+    for bucket in result["buckets"]:
+        if bucket["num_tokens"]:
+            assert bucket["ce_sum"] / bucket["num_tokens"] == pytest.approx(bucket["loss"], rel=1e-12)
+    with np.load(path, allow_pickle=False) as archive:  # plain arrays: no pickle needed to read it
+        assert archive["ce_sum"].dtype == np.float64 and archive["target_hash"].dtype == np.uint64
+
+
+def test_two_runs_evaluated_on_the_same_tokens_pair_block_by_block(tmp_path, run_dir, data_dir):
+    from mileloss.errors import BlockMismatchError
+    from mileloss.report.intervals import load_blocks, pair_blocks
+    from mileloss.report.runs import load_run
+
+    other = make_run_dir(tmp_path / "ce", loss="ce", final_from=run_dir / "final", data_dir=data_dir)
+    short = make_run_dir(tmp_path / "short", loss="ce", final_from=run_dir / "final", data_dir=data_dir)
+    for run, tokens in ((run_dir, "100"), (other, "100"), (short, "98")):
+        assert main([str(run), "--data", str(data_dir), "--tasks", "none", "--max-tokens", tokens]) == 0
+    mile, ce, cut = (load_run(r) for r in (run_dir, other, short))
+    paired = pair_blocks(mile, load_blocks(mile), ce, load_blocks(ce))
+    assert np.array_equal(paired.ce_sum, paired.reference_ce_sum)  # same model weights: the same sums
+    with pytest.raises(BlockMismatchError, match="block 3 differs in its length"):
+        pair_blocks(mile, load_blocks(mile), cut, load_blocks(cut))

@@ -576,3 +576,87 @@ def test_reproduce_interrupted_says_so_and_exits_130(tmp_path, capsys, monkeypat
     monkeypatch.setattr(mileloss.data, "prepare_corpus", interrupted)
     assert reproduce_main(["--budget", "tiny", "--out", str(tmp_path / "out")]) == 130
     assert "interrupted; run the same command again to resume" in _one_line_error(capsys.readouterr())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 14 item 1: eval/blocks.npz, the per-block sums behind the report's paired intervals
+
+
+def _record_blocks(run: Path, data: bytes) -> None:
+    """Replace a run's blocks.npz and record its sha256 in perplexity.json, as a crafted folder would."""
+    import hashlib
+
+    (run / "eval" / "blocks.npz").write_bytes(data)
+    path = run / "eval" / "perplexity.json"
+    result = json.loads(path.read_text())
+    result["blocks"]["sha256"] = hashlib.sha256(data).hexdigest()
+    path.write_text(json.dumps(result))
+
+
+def test_a_blocks_file_holding_pickled_objects_is_refused_without_unpickling(tmp_path, two_runs, capsys):
+    import io
+
+    marker = tmp_path / "code_ran"
+    with np.load(two_runs[1] / "eval" / "blocks.npz") as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["bucket_names"] = np.array([_RunsCodeWhenUnpickled(str(marker))] * 3, dtype=object)
+    image = io.BytesIO()
+    np.savez(image, **arrays)
+    _record_blocks(two_runs[1], image.getvalue())
+    assert report_main([*map(str, two_runs), "--out", str(tmp_path / "report")]) == 2
+    line = _one_line_error(capsys.readouterr())
+    assert f"{two_runs[1] / 'eval' / 'blocks.npz'}: not a readable blocks file" in line
+    assert not marker.exists() and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "sha256 differs from the one recorded in perplexity.json"),
+    ("delete", "missing, but"),
+    ("unrecorded", "perplexity.json records no sha256 for it"),
+])
+def test_a_changed_or_missing_blocks_file_is_a_one_line_error_naming_it(tmp_path, two_runs, capsys, damage, message):
+    path = two_runs[1] / "eval" / "blocks.npz"
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+    elif damage == "delete":
+        path.unlink()
+    else:
+        result = json.loads((two_runs[1] / "eval" / "perplexity.json").read_text())
+        del result["blocks"]
+        (two_runs[1] / "eval" / "perplexity.json").write_text(json.dumps(result))
+    assert report_main([*map(str, two_runs), "--out", str(tmp_path / "report")]) == 2
+    line = _one_line_error(capsys.readouterr())
+    assert str(path) in line and message in line
+    assert report_main([*map(str, two_runs), "--out", str(tmp_path / "report"), "--bootstrap", "0"]) == 0
+
+
+def test_runs_evaluated_on_other_blocks_are_refused_and_with_allow_mixed_data_reported_without_interval(
+        tmp_path, checkpoint_dir, data_dir, capsys):
+    ce = make_run_dir(tmp_path / "ce", loss="ce", final_from=checkpoint_dir, data_dir=data_dir)
+    mile = _mile_run(tmp_path, checkpoint_dir, data_dir, name="mile")
+    assert eval_main([str(ce), "--tasks", "none", "--max-tokens", "64"]) == 0
+    assert eval_main([str(mile), "--tasks", "none", "--max-tokens", "40"]) == 0
+    capsys.readouterr()
+    assert report_main([str(ce), str(mile), "--out", str(tmp_path / "report")]) == 2
+    line = _one_line_error(capsys.readouterr())
+    assert f"{mile} and {ce}: block 1 differs in its length" in line and not (tmp_path / "report").exists()
+    assert report_main([str(ce), str(mile), "--out", str(tmp_path / "report"), "--allow-mixed-data"]) == 0
+    printed = capsys.readouterr().out
+    assert "MiLe γ=0.5 σ=2 vs CE: interval unavailable" in printed and "block 1 differs in its length" in printed
+
+
+def test_eval_replaces_its_own_blocks_file_but_a_foreign_one_is_refused(tmp_path, checkpoint_dir, data_dir, capsys):
+    run = _mile_run(tmp_path, checkpoint_dir, data_dir)
+    assert eval_main([str(run), "--tasks", "none", "--max-tokens", "20"]) == 0
+    assert eval_main([str(run), "--tasks", "none", "--max-tokens", "40"]) == 0
+    result = json.loads((run / "eval" / "perplexity.json").read_text())
+    assert result["blocks"]["num_blocks"] == 2 and (run / "eval" / "blocks.npz").read_bytes()[:2] == b"PK"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "blocks.npz").write_text("my own numbers")
+    capsys.readouterr()
+    assert eval_main([str(run), "--tasks", "none", "--out", str(foreign)]) == 2
+    assert "holds files that mileloss eval did not write (blocks.npz)" in _one_line_error(capsys.readouterr())
+    assert (foreign / "blocks.npz").read_text() == "my own numbers"

@@ -22,25 +22,38 @@ The held-out tokens are cut into consecutive, non-overlapping windows of ``seq_l
 boundary token (``inputs = t[s : s+T]``, ``targets = t[s+1 : s+T+1]``, ``s = 0, T, 2T, ...``), so every token but
 the first is predicted exactly once, with a context that restarts at each window: deterministic and independent
 of the batch size. ``max_tokens`` keeps only the first ``max_tokens + 1`` tokens.
+
+Each window is also one *block* of :func:`block_sums` (``eval/blocks.npz``): the per-bucket sums of ``ce_i`` and
+the token counts of its positions, with its start, length and a hash of its targets, so that two runs evaluated
+on the same tokens can be compared block by block (a paired bootstrap in ``mileloss report``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import logging
 import math
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mileloss.errors import CheckpointError
+from mileloss.errors import BlocksFileError, CheckpointError
 from mileloss.eval.buckets import FrequencyBuckets
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BLOCKS_FORMAT",
+    "BlockSums",
     "ECE_NUM_BINS",
+    "block_sums",
+    "read_blocks",
     "HISTOGRAM_NUM_BINS",
     "QUANTILES",
     "collect_token_statistics",
@@ -50,6 +63,7 @@ __all__ = [
     "head_token_statistics",
     "summarize_token_statistics",
     "token_weight",
+    "write_blocks",
 ]
 
 ECE_NUM_BINS = 15
@@ -374,6 +388,132 @@ def _histogram(values: np.ndarray, edges: np.ndarray) -> list[int]:
     return counts.astype(int).tolist()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# per-block sums: what a paired bootstrap over held-out tokens needs, and nothing more
+
+BLOCKS_FORMAT = 1
+"""Version of the ``blocks.npz`` layout; bumped on any change to the arrays it holds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSums:
+    """Per-block, per-bucket sums of cross-entropy over the evaluated positions.
+
+    Block ``i`` is evaluation window ``i``: predicted positions ``start[i] + 1 ... start[i] + length[i]`` of the
+    evaluated token array (the targets). ``target_hash[i]`` is the first 8 bytes of the BLAKE2b hash of those
+    targets (int64 little-endian), so blocks of two evaluations pair only when they hold the same tokens.
+    ``ce_sum[i, k]`` (float64, nats) and ``count[i, k]`` sum over the block's positions whose target is in bucket k.
+    """
+
+    start: np.ndarray  # (B,) int64
+    length: np.ndarray  # (B,) int64
+    target_hash: np.ndarray  # (B,) uint64
+    ce_sum: np.ndarray  # (B, K) float64
+    count: np.ndarray  # (B, K) int64
+    bucket_names: tuple[str, ...]
+    cut_points: tuple[float, ...]
+    seq_len: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.start)
+
+    def totals(self) -> tuple[list[float], list[int]]:
+        """Per-bucket ``(ce sums, token counts)`` over all blocks: ``math.fsum`` of the blocks' float64 sums, so the
+        totals in ``perplexity.json`` are reproducible from the file exactly."""
+        return ([math.fsum(self.ce_sum[:, k].tolist()) for k in range(self.ce_sum.shape[1])],
+                [int(c) for c in self.count.sum(axis=0)])
+
+
+def _target_hash(targets: np.ndarray) -> int:
+    digest = hashlib.blake2b(np.ascontiguousarray(targets, dtype="<i8").tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def block_sums(stats: dict[str, np.ndarray], buckets: FrequencyBuckets, seq_len: int) -> BlockSums:
+    """Cut the per-position ``ce`` and ``targets`` (in token order, as from :func:`collect_token_statistics`) into the
+    evaluation windows of ``seq_len`` positions and sum the cross-entropy per window and target bucket."""
+    targets = np.asarray(stats["targets"], dtype=np.int64)
+    ce = np.asarray(stats["ce"], dtype=np.float64)
+    num_buckets = len(buckets.descriptions)
+    starts = np.arange(0, len(targets), seq_len, dtype=np.int64)
+    lengths = np.minimum(seq_len, len(targets) - starts)
+    bucket = buckets.bucket_of_token[targets].astype(np.int64)
+    block = np.arange(len(targets), dtype=np.int64) // seq_len
+    flat = block * num_buckets + bucket
+    size = len(starts) * num_buckets
+    ce_sum = np.bincount(flat, weights=ce, minlength=size).reshape(len(starts), num_buckets)
+    count = np.bincount(flat, minlength=size).astype(np.int64).reshape(len(starts), num_buckets)
+    hashes = np.array([_target_hash(targets[s : s + seq_len]) for s in starts.tolist()], dtype=np.uint64)
+    return BlockSums(start=starts, length=lengths.astype(np.int64), target_hash=hashes, ce_sum=ce_sum, count=count,
+                     bucket_names=tuple(d.name for d in buckets.descriptions),
+                     cut_points=tuple(float(c) for c in buckets.cut_points), seq_len=int(seq_len))
+
+
+def write_blocks(blocks: BlockSums) -> bytes:
+    """The ``blocks.npz`` bytes of ``blocks`` (plain numeric and fixed-width text arrays: loads without pickle)."""
+    image = io.BytesIO()
+    np.savez(image, format=np.array(BLOCKS_FORMAT, dtype=np.int64), start=blocks.start, length=blocks.length,
+             target_hash=blocks.target_hash, ce_sum=blocks.ce_sum, count=blocks.count,
+             bucket_names=np.array(blocks.bucket_names, dtype=str),
+             cut_points=np.array(blocks.cut_points, dtype=np.float64), seq_len=np.array(blocks.seq_len, dtype=np.int64))
+    return image.getvalue()
+
+
+BLOCK_ARRAYS = {"format": ("i", 0), "start": ("i", 1), "length": ("i", 1), "target_hash": ("u", 1),
+                "ce_sum": ("f", 2), "count": ("i", 2), "bucket_names": ("U", 1), "cut_points": ("f", 1),
+                "seq_len": ("i", 0)}
+"""Every array of ``blocks.npz``: (numpy dtype kind, number of dimensions)."""
+
+
+def read_blocks(path: str | Path, sha256: str | None = None) -> BlockSums:
+    """Read and check a ``blocks.npz``: loaded with ``allow_pickle=False``, every array of the expected kind and
+    shape, finite non-negative sums, consistent counts; and, when given, the file's sha256 (recorded in
+    ``perplexity.json``).
+
+    Raises:
+        BlocksFileError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BlocksFileError(f"{path}: cannot be read ({error})") from error
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise BlocksFileError(f"{path}: sha256 differs from the one recorded in perplexity.json (changed or damaged "
+                              f"since `mileloss eval` wrote it); re-run `mileloss eval`")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise BlocksFileError(f"{path}: not a readable blocks file ({type(error).__name__}: {error})") from error
+    for name, (kind, ndim) in BLOCK_ARRAYS.items():
+        if name not in arrays:
+            raise BlocksFileError(f"{path}: missing the array {name!r}")
+        if arrays[name].dtype.kind != kind or arrays[name].ndim != ndim:
+            raise BlocksFileError(f"{path}: array {name!r} has dtype {arrays[name].dtype} and {arrays[name].ndim} "
+                                  f"dimensions, expected kind {kind!r} and {ndim}")
+    if int(arrays["format"]) != BLOCKS_FORMAT:
+        raise BlocksFileError(f"{path}: format {int(arrays['format'])}, this mileloss reads {BLOCKS_FORMAT}")
+    num_blocks, num_buckets = arrays["ce_sum"].shape
+    shapes = {"start": (num_blocks,), "length": (num_blocks,), "target_hash": (num_blocks,),
+              "count": (num_blocks, num_buckets), "bucket_names": (num_buckets,)}
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            raise BlocksFileError(f"{path}: array {name!r} has shape {arrays[name].shape}, expected {shape}")
+    ce_sum, count, length = arrays["ce_sum"], arrays["count"].astype(np.int64), arrays["length"].astype(np.int64)
+    if num_blocks == 0 or num_buckets == 0:
+        raise BlocksFileError(f"{path}: holds no blocks")
+    if not np.isfinite(ce_sum).all() or (ce_sum < 0).any() or (count < 0).any() or (length < 1).any():
+        raise BlocksFileError(f"{path}: negative or non-finite sums or counts")
+    if not np.array_equal(count.sum(axis=1), length):
+        raise BlocksFileError(f"{path}: the bucket counts of a block do not add up to its length")
+    return BlockSums(start=arrays["start"].astype(np.int64), length=length, target_hash=arrays["target_hash"],
+                     ce_sum=ce_sum.astype(np.float64), count=count,
+                     bucket_names=tuple(str(n) for n in arrays["bucket_names"]),
+                     cut_points=tuple(float(c) for c in arrays["cut_points"]), seq_len=int(arrays["seq_len"]))
+
+
 def evaluate_perplexity(
     model: torch.nn.Module,
     tokens: np.ndarray,
@@ -386,7 +526,8 @@ def evaluate_perplexity(
     weighting: str = "mile",
     sigma: float = 1.0,
     gamma: float = 1.0,
-) -> dict:
+    return_blocks: bool = False,
+) -> dict | tuple[dict, BlockSums]:
     """Perplexity, per-bucket perplexity, entropy/weight statistics and calibration of ``model`` on ``tokens``.
 
     Args:
@@ -398,7 +539,9 @@ def evaluate_perplexity(
         weighting, sigma, gamma: the loss the model was trained with (for the weight statistics).
 
     Returns:
-        The dict of :func:`summarize_token_statistics` plus ``"windows"`` (seq_len, number of tokens).
+        The dict of :func:`summarize_token_statistics` plus ``"windows"`` (seq_len, number of tokens) and ``ce_sum``
+        (the exact sum of ``ce`` over the positions, :meth:`BlockSums.totals`) in ``overall`` and every bucket;
+        with ``return_blocks``, ``(that dict, the BlockSums)``.
     """
     if max_tokens is not None:
         if max_tokens < 1:
@@ -409,4 +552,9 @@ def evaluate_perplexity(
     result = summarize_token_statistics(stats, buckets, weighting=weighting, sigma=sigma, gamma=gamma)
     result["windows"] = {"seq_len": seq_len, "num_predicted_tokens": int(len(stats["ce"])),
                          "num_windows": math.ceil(len(stats["ce"]) / seq_len)}
-    return result
+    blocks = block_sums(stats, buckets, seq_len)
+    sums, _ = blocks.totals()
+    for bucket, total in zip(result["buckets"], sums, strict=True):
+        bucket["ce_sum"] = total
+    result["overall"]["ce_sum"] = math.fsum(blocks.ce_sum.ravel().tolist())
+    return (result, blocks) if return_blocks else result

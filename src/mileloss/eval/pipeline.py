@@ -3,13 +3,15 @@
 >>> evaluate("runs/mile", "data/shakespeare", tasks=["piqa", "arc_easy"], limit=50)   # doctest: +SKIP
 {'perplexity': {...}, 'lm_eval': {...}, 'out_dir': PosixPath('runs/mile/eval')}
 
-Writes ``OUT/perplexity.json`` and (unless ``tasks`` is empty) ``OUT/lm_eval.json``; ``OUT`` defaults to
-``RUN_DIR/eval``.
+Writes ``OUT/blocks.npz`` (per evaluation window: per-bucket sums of cross-entropy and token counts, for the
+paired intervals of ``mileloss report``), then ``OUT/perplexity.json`` (which records the sha256 of
+``blocks.npz``) and (unless ``tasks`` is empty) ``OUT/lm_eval.json``; ``OUT`` defaults to ``RUN_DIR/eval``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -31,8 +33,8 @@ from mileloss.eval.checkpoint import (
 from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, parse_task_list, run_lm_eval
 from mileloss.eval.lm_eval_bridge import benchmark_root as find_benchmark_files
 from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
-from mileloss.eval.perplexity import evaluate_perplexity
-from mileloss.run_folder import LM_EVAL, PERPLEXITY, RunFolder, data_identity
+from mileloss.eval.perplexity import evaluate_perplexity, write_blocks
+from mileloss.run_folder import BLOCKS, LM_EVAL, PERPLEXITY, RunFolder, data_identity
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ __all__ = ["evaluate", "format_lm_eval_table", "format_perplexity_table"]
 
 COMMAND = "mileloss eval"
 OUTPUT_FILES = {PERPLEXITY: ("bucket_definition", "overall"), LM_EVAL: ("tasks", "checkpoint")}
-"""The files ``mileloss eval`` writes, and the keys that recognise one written before ``written_by`` existed."""
+"""The JSON files ``mileloss eval`` writes, and the keys that recognise one written before ``written_by`` existed."""
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _count(value, flag: str, minimum: int, *, optional: bool = True) -> int | None:
@@ -70,9 +73,15 @@ def _resolve_device(device: str | None) -> str:
 
 
 def _owns(entry: Path) -> bool:
-    """True for a file ``mileloss eval`` wrote: one of :data:`OUTPUT_FILES` (recognised by content) or its temp."""
-    if is_temp_of(entry, set(OUTPUT_FILES)):
+    """True for a file ``mileloss eval`` wrote: one of :data:`OUTPUT_FILES` (recognised by content), ``blocks.npz``
+    (a zip archive), or the temp of one."""
+    if is_temp_of(entry, {*OUTPUT_FILES, BLOCKS}):
         return True
+    if entry.name == BLOCKS:
+        if not entry.is_file() or entry.is_symlink():
+            return False
+        with open(entry, "rb") as handle:
+            return handle.read(4) == ZIP_MAGIC
     keys = OUTPUT_FILES.get(entry.name)
     if keys is None or not entry.is_file():
         return False
@@ -218,10 +227,14 @@ def _evaluate(checkpoint: Checkpoint, loss: LossSettings, data_dir: str | Path |
     started = time.perf_counter()
     logger.info("perplexity of %s on %s (%d val tokens, window %d; %s weight %s, gamma %g, sigma %g)",
                 checkpoint.path, data_dir, len(tokens), seq_len, loss.kind, loss.formula, loss.gamma, loss.sigma)
-    result = evaluate_perplexity(model, tokens, frequency, seq_len=int(seq_len), batch_size=batch_size,
-                                 max_tokens=max_tokens, device=device, weighting=loss.kind, gamma=loss.gamma,
-                                 sigma=loss.sigma)
+    result, blocks = evaluate_perplexity(model, tokens, frequency, seq_len=int(seq_len), batch_size=batch_size,
+                                         max_tokens=max_tokens, device=device, weighting=loss.kind, gamma=loss.gamma,
+                                         sigma=loss.sigma, return_blocks=True)
     del model
+    blocks_bytes = write_blocks(blocks)
+    logger.info("wrote %s", write_atomic(out / BLOCKS, blocks_bytes))
+    result["blocks"] = {"file": BLOCKS, "sha256": hashlib.sha256(blocks_bytes).hexdigest(),
+                        "num_blocks": blocks.num_blocks, "block": "evaluation window", "seq_len": blocks.seq_len}
     result = {
         "checkpoint": str(checkpoint.path),
         "checkpoint_path": str(checkpoint.path.resolve()),

@@ -1,7 +1,8 @@
 """Matplotlib figures of the report (Agg backend, PNG): one colour per loss, the same colour for every seed.
 
 - ``curves.png``: training loss and validation loss against training tokens.
-- ``bucket_ppl.png``: perplexity per frequency bucket (grouped bars, log scale) and its change vs CE in %.
+- ``bucket_ppl.png``: perplexity per frequency bucket (grouped bars, log scale) and its change vs CE in %, with
+  the paired 95 % bootstrap interval as error bars where the runs have ``eval/blocks.npz``.
 - ``histograms.png``: distribution of the prediction entropy H and of the weight of each run's own loss.
 - ``benchmarks.png``: accuracy (TriviaQA: exact match) per task.
 
@@ -22,6 +23,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from mileloss.eval.outputs import write_atomic  # noqa: E402
+from mileloss.report.intervals import GroupIntervals  # noqa: E402
 from mileloss.report.runs import RunGroup  # noqa: E402
 from mileloss.report.tables import Stat, reference_group, reported_buckets, task_names  # noqa: E402
 
@@ -87,18 +89,26 @@ def plot_curves(groups: list[RunGroup], out: Path) -> Path | None:
 
 
 def _grouped_bars(axis, categories: list[str], groups: list[RunGroup], stats: dict[str, list[Stat]],
-                  colors: dict[str, str], value_format: str) -> None:
+                  colors: dict[str, str], value_format: str,
+                  bounds: dict[str, list[tuple[float, float] | None]] | None = None) -> None:
+    """Bars of ``stats``' means with the standard deviation as error bars, or, where ``bounds`` gives a
+    (low, high) pair for a bar, that interval instead."""
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(categories))
     for index, group in enumerate(groups):
         values = [s.mean if s.mean is not None else np.nan for s in stats[group.label]]
-        errors = [s.std if s.std is not None else 0.0 for s in stats[group.label]]
+        spans = (bounds or {}).get(group.label) or [None] * len(values)
+        below = [value - span[0] if span else (s.std or 0.0)
+                 for value, span, s in zip(values, spans, stats[group.label], strict=True)]
+        above = [span[1] - value if span else (s.std or 0.0)
+                 for value, span, s in zip(values, spans, stats[group.label], strict=True)]
+        errors = np.clip(np.nan_to_num([below, above]), 0.0, None)
         position = x - 0.4 + width * (index + 0.5)
         bars = axis.bar(position, values, width, yerr=errors, color=colors[group.label], label=group.label,
-                        capsize=3 if any(errors) else 0)
-        for bar, value, error in zip(bars, values, errors, strict=True):
+                        capsize=3 if errors.any() else 0)
+        for bar, value, low, high in zip(bars, values, errors[0], errors[1], strict=True):
             if np.isfinite(value):  # label above the bar (below it for negative bars), clear of the error bar
-                tip = value + error if value >= 0 else value - error
+                tip = value + high if value >= 0 else value - low
                 axis.annotate(format(value, value_format), (bar.get_x() + bar.get_width() / 2, tip),
                               ha="center", va="bottom" if value >= 0 else "top", fontsize=7,
                               rotation=90 if len(groups) > 2 else 0,
@@ -109,8 +119,11 @@ def _grouped_bars(axis, categories: list[str], groups: list[RunGroup], stats: di
     axis.legend(fontsize=8)
 
 
-def plot_bucket_perplexity(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]], out: Path) -> Path | None:
-    """Per-bucket perplexity (log scale) and, when a CE run is present, its relative change vs CE."""
+def plot_bucket_perplexity(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]], out: Path,
+                           intervals: dict[str, GroupIntervals] | None = None) -> Path | None:
+    """Per-bucket perplexity (log scale) and, when a CE run is present, its relative change vs CE: the paired
+    change with its 95 % interval as error bars where ``intervals`` has one, else the change of the seed means
+    with the seed standard deviation."""
     buckets = reported_buckets(groups)
     if not buckets:
         return None
@@ -134,22 +147,31 @@ def plot_bucket_perplexity(groups: list[RunGroup], metrics: dict[str, dict[str, 
     axis.set_title("held-out perplexity by training-frequency bucket of the target")
     if with_delta:
         ref = metrics[reference.label]
-        deltas = {}
+        deltas, bounds = {}, {}
         for group in others:
-            row = []
+            row, spans = [], []
+            found = (intervals or {}).get(group.label)
             for key in keys:
                 value, base = metrics[group.label][key], ref[key]
+                interval = found.intervals.get(key.removeprefix("ppl/")) if found is not None else None
+                if interval is not None:
+                    row.append(Stat(interval.change, None, interval.num_pairs))
+                    spans.append((interval.low, interval.high))
+                    continue
+                spans.append(None)
                 if value.mean is None or base.mean is None:
                     row.append(Stat(None, None, 0))
                 else:
                     std = 100 * value.std / base.mean if value.std is not None else None
                     row.append(Stat(100 * (value.mean - base.mean) / base.mean, std, value.n))
-            deltas[group.label] = row
+            deltas[group.label], bounds[group.label] = row, spans
         axis = axes[0, 1]
-        _grouped_bars(axis, categories, others, deltas, colors, "+.2g")
+        _grouped_bars(axis, categories, others, deltas, colors, "+.2g", bounds)
         axis.axhline(0, color="black", lw=0.8)
         axis.set_ylabel(f"change vs {reference.label} (%; below 0 = better)")
-        axis.set_title(f"perplexity relative to {reference.label}")
+        with_intervals = any(span for spans in bounds.values() for span in spans)
+        axis.set_title(f"perplexity relative to {reference.label}"
+                       + (" (paired, 95 % CI)" if with_intervals else ""))
     return _save(fig, out / "bucket_ppl.png")
 
 
@@ -226,11 +248,12 @@ FIGURES = ("curves", "bucket_ppl", "histograms", "benchmarks")
 """Every figure's name; ``<name>.png`` in the output folder."""
 
 
-def write_plots(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]], out: Path) -> dict[str, Path]:
+def write_plots(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]], out: Path,
+                intervals: dict[str, GroupIntervals] | None = None) -> dict[str, Path]:
     """Write every figure that has data into the existing folder ``out``; returns ``{name: path}`` in display order."""
     figures = {
         "curves": plot_curves(groups, out),
-        "bucket_ppl": plot_bucket_perplexity(groups, metrics, out),
+        "bucket_ppl": plot_bucket_perplexity(groups, metrics, out, intervals),
         "histograms": plot_histograms(groups, out),
         "benchmarks": plot_benchmarks(groups, metrics, out),
     }

@@ -20,12 +20,13 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mileloss.errors import OutputFolderError
+from mileloss.errors import ConfigError, OutputFolderError
 from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
 from mileloss.report.data_check import DataCheck, check_same_data
+from mileloss.report.intervals import DEFAULT_RESAMPLES, METHOD, REFERENCES, GroupIntervals, group_intervals
 from mileloss.report.plots import FIGURES, write_plots
 from mileloss.report.runs import ReportError, RunGroup, group_runs, load_run
-from mileloss.report.tables import MISSING, Table, comparison_table, verdict
+from mileloss.report.tables import MISSING, Table, comparison_table, interval_verdicts, reference_group, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ WRITTEN = frozenset({"report.md", "report.html", *(f"{name}.png" for name in FIG
 CAPTIONS = {
     "curves": "Training and validation loss against training tokens (one colour per loss; seeds share it).",
     "bucket_ppl": "Held-out perplexity per training-frequency bucket of the target token, and its change "
-                  "relative to cross-entropy (below 0 = better than CE).",
+                  "relative to cross-entropy (below 0 = better than CE). Error bars: on the left, the sample standard "
+                  "deviation over seeds; on the right, the paired 95 % bootstrap interval (over seed pairs and "
+                  "held-out blocks) where the runs have eval/blocks.npz, else the seed standard deviation.",
     "histograms": "Distribution over held-out tokens of the prediction entropy H and of the weight each run's own "
                   "loss gives a token (MiLe (σ + H)^γ, focal (1 − p)^γ; CE runs, always 1, are not drawn).",
     "benchmarks": "Downstream benchmark scores (accuracy; TriviaQA: exact match).",
@@ -153,7 +156,8 @@ def _warning_lines(check: DataCheck) -> list[str]:
             "(reported anyway: --allow-mixed-data).", *check.mixed]
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_mixed_data: bool = False) -> Path:
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_mixed_data: bool = False,
+                 bootstrap: int = DEFAULT_RESAMPLES, bootstrap_seed: int = 0) -> Path:
     """Compare training runs: write ``report.md``, ``report.html``, PNG figures and ``report.json`` into ``out_dir``.
 
     Args:
@@ -162,19 +166,27 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_m
         out_dir: a new or empty folder, or one holding an earlier report (which this one replaces).
         allow_mixed_data: report runs trained or evaluated on different data (corpus, tokenizer, vocabulary size,
             token shards) anyway, under a warning at the top, instead of refusing.
+        bootstrap: resamples of the paired bootstrap behind the intervals vs CE (0: no intervals).
+        bootstrap_seed: its random seed (the same runs and seed give the same intervals).
 
     Returns:
         The path of the self-contained ``report.html``.
 
     Raises:
         EmptyRunError: if a folder has neither ``metrics.jsonl`` nor ``config.yaml`` (the message names it).
-        ReportError: a run file that is malformed (file and field named); MixedDataError: runs on different data.
+        ReportError: a run file that is malformed (file and field named); MixedDataError: runs on different data;
+            BlocksFileError: a damaged ``eval/blocks.npz``; BlockMismatchError: a run and its CE partner evaluated
+            on different blocks (unless ``allow_mixed_data``).
         OutputFolderError: ``out_dir`` is a file, not writable, holds files this command did not write, or another
             report is writing into it.
         ValueError: if ``run_dirs`` is empty.
     """
     if not run_dirs:
         raise ValueError("mileloss report: give at least one run folder")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be an integer >= 0, got {bootstrap!r}")
+    if isinstance(bootstrap_seed, bool) or not isinstance(bootstrap_seed, int) or bootstrap_seed < 0:
+        raise ConfigError(f"--bootstrap-seed must be an integer >= 0, got {bootstrap_seed!r}")
     seen: dict[Path, str] = {}
     for path in run_dirs:
         if Path(path).resolve() in seen:
@@ -187,26 +199,43 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_m
     for line in _warning_lines(check):
         logger.warning("%s", line)
     groups = group_runs(runs)
-    table, metrics = comparison_table(groups)
+    intervals = (group_intervals(groups, reference_group(groups), resamples=bootstrap, seed=bootstrap_seed,
+                                 allow_mismatch=allow_mixed_data) if bootstrap else None)
+    table, metrics = comparison_table(groups, intervals)
     summary = verdict(groups, metrics)
+    interval_lines = interval_verdicts(groups, intervals) if intervals else []
+    method = METHOD.format(resamples=bootstrap, seed=bootstrap_seed) if intervals else None
     create_output_folder(out)
     with _locked(out):
         previous = _check_out(out)  # again under the lock: the folder may have changed meanwhile
         marker = {"written_by": COMMAND, "runs": [str(run.path) for run in runs]}
         # listed before writing, so that a report killed half-way leaves a folder the next report recognises
         write_atomic(out / MARKER, json.dumps({**marker, "complete": False, "files": sorted(WRITTEN)}, indent=2))
-        figures = write_plots(groups, metrics, out)
-        report = _write_documents(out, groups, table, summary, figures, check)
+        figures = write_plots(groups, metrics, out, intervals)
+        report = _write_documents(out, groups, table, summary, figures, check, interval_lines, method)
         written = {"report.md", "report.html", *(path.name for path in figures.values())}
-        write_atomic(out / MARKER, json.dumps({**marker, "complete": True, "files": sorted(written)}, indent=2))
+        write_atomic(out / MARKER, json.dumps({**marker, "complete": True, "files": sorted(written),
+                                               "intervals": _intervals_json(intervals, bootstrap, bootstrap_seed)},
+                                              indent=2))
         for stale in sorted((previous & WRITTEN) - written):  # figures of an earlier report that has no data now
             (out / stale).unlink(missing_ok=True)
     logger.info("wrote %s and %s", out / "report.md", report)
     return report
 
 
+def _intervals_json(intervals: dict[str, GroupIntervals] | None, resamples: int, seed: int) -> dict | None:
+    """The intervals in ``report.json``, for scripts (docs/results.md) that quote them."""
+    if intervals is None:
+        return None
+    return {"resamples": resamples, "seed": seed, "level": 0.95, "groups": {
+        label: {"seed_pairs": [{"run": str(p.run), "ce": str(p.reference), "seed": p.seed} for p in found.pairs],
+                "notes": found.notes,
+                "buckets": {name: i.to_dict() if i is not None else None for name, i in found.intervals.items()}}
+        for label, found in intervals.items()}}
+
+
 def _write_documents(out: Path, groups: list[RunGroup], table: Table, summary: str, figures: dict[str, Path],
-                     check: DataCheck) -> Path:
+                     check: DataCheck, interval_lines: list[str], method: str | None) -> Path:
     """``report.md`` and ``report.html``; returns the latter."""
     bucket_lines, run_lines = _bucket_lines(groups), _run_lines(groups)
     warning = _warning_lines(check)
@@ -217,12 +246,17 @@ def _write_documents(out: Path, groups: list[RunGroup], table: Table, summary: s
     markdown = ["# mileloss report: CE vs focal vs MiLe", ""]
     if warning:
         markdown += [f"> **{warning[0]}**", ">", *[f"> - {line}" for line in warning[1:]], ""]
-    markdown += [f"**Verdict:** {summary}", "", f"Generated {stamp}. Runs:", "", *[f"- {line}" for line in run_lines],
+    markdown += [f"**Verdict:** {summary}", ""]
+    if interval_lines:
+        markdown += ["**Paired change vs CE (95 % CI):**", "", *[f"- {line}" for line in interval_lines], ""]
+    markdown += [f"Generated {stamp}. Runs:", "", *[f"- {line}" for line in run_lines],
                  "", *[f"{line}\n" for line in unverified]]
     if bucket_lines:
         markdown += [bucket_lines[0], "", *[f"- {line}" for line in bucket_lines[1:]], ""]
-    markdown += ["## Comparison", "", _markdown_table(table), "", *[f"- {note}" for note in NOTES], "",
-                 "## Figures", ""]
+    markdown += ["## Comparison", "", _markdown_table(table), "", *[f"- {note}" for note in NOTES], ""]
+    if method:
+        markdown += ["## Method of the intervals", "", method, "", *[f"- {ref}" for ref in REFERENCES], ""]
+    markdown += ["## Figures", ""]
     for name, path in figures.items():
         markdown += [f"![{name}]({path.name})", "", f"*{CAPTIONS[name]}*", ""]
     write_atomic(out / "report.md", "\n".join(markdown))
@@ -232,7 +266,11 @@ def _write_documents(out: Path, groups: list[RunGroup], table: Table, summary: s
     if warning:
         parts += [f'<div class="warning"><b>{html.escape(warning[0])}</b><ul>',
                   *[f"<li>{html.escape(line)}</li>" for line in warning[1:]], "</ul></div>"]
-    parts += [f'<p class="verdict"><b>Verdict:</b> {html.escape(summary)}</p>',
+    parts += [f'<p class="verdict"><b>Verdict:</b> {html.escape(summary)}</p>']
+    if interval_lines:
+        parts += ['<p><b>Paired change vs CE (95 % CI):</b></p><ul class="intervals">',
+                  *[f"<li>{html.escape(line)}</li>" for line in interval_lines], "</ul>"]
+    parts += [
               f'<p class="small">Generated {stamp}.</p><ul class="small">',
               *[f"<li>{html.escape(line)}</li>" for line in run_lines], "</ul>",
               *[f'<p class="small">{html.escape(line)}</p>' for line in unverified]]
@@ -240,7 +278,11 @@ def _write_documents(out: Path, groups: list[RunGroup], table: Table, summary: s
         parts += [f'<p class="small">{html.escape(bucket_lines[0])}</p><ul class="small">',
                   *[f"<li>{html.escape(line)}</li>" for line in bucket_lines[1:]], "</ul>"]
     parts += ["<h2>Comparison</h2>", _html_table(table), '<ul class="small">',
-              *[f"<li>{html.escape(note)}</li>" for note in NOTES], "</ul>", "<h2>Figures</h2>"]
+              *[f"<li>{html.escape(note)}</li>" for note in NOTES], "</ul>"]
+    if method:
+        parts += ["<h2>Method of the intervals</h2>", f"<p>{html.escape(method)}</p>", '<ul class="small">',
+                  *[f"<li>{html.escape(ref)}</li>" for ref in REFERENCES], "</ul>"]
+    parts += ["<h2>Figures</h2>"]
     for name, path in figures.items():
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'

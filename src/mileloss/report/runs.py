@@ -60,6 +60,7 @@ PERPLEXITY_SCHEMA = {
     "mile_weight?": {"gamma": NUMBER, "sigma": NUMBER},
     "data?": DATA_IDENTITY,
     "data_dir?": TEXT_OR_NONE,
+    "blocks?": {"sha256?": TEXT_OR_NONE},
 }
 LM_EVAL_SCHEMA = {"tasks": MapOf({"value?": NUMBER_OR_NONE}), "num_fewshot?": INT_OR_NONE}
 LOSS = {"kind?": (str,), "gamma?": NUMBER_OR_NONE, "sigma?": NUMBER_OR_NONE}

@@ -12,10 +12,11 @@ import math
 import statistics
 from collections.abc import Callable
 
+from mileloss.report.intervals import GroupIntervals, format_interval
 from mileloss.report.runs import RunGroup, RunRecord
 
-__all__ = ["MISSING", "Stat", "Table", "reported_buckets", "comparison_table", "group_metrics", "reference_group",
-           "task_names", "verdict"]
+__all__ = ["MISSING", "Stat", "Table", "reported_buckets", "comparison_table", "group_metrics", "interval_verdicts",
+           "reference_group", "task_names", "verdict"]
 
 MISSING = "—"
 
@@ -127,8 +128,10 @@ def reference_group(groups: list[RunGroup]) -> RunGroup | None:
     return next((g for g in groups if g.loss_kind == "ce"), None)
 
 
-def comparison_table(groups: list[RunGroup]) -> tuple[Table, dict[str, dict[str, Stat]]]:
-    """The side-by-side table (one column per group) and the metrics behind it.
+def comparison_table(groups: list[RunGroup], intervals: dict[str, GroupIntervals] | None = None
+                     ) -> tuple[Table, dict[str, dict[str, Stat]]]:
+    """The side-by-side table (one column per group) and the metrics behind it; with ``intervals`` (from
+    :func:`~mileloss.report.intervals.group_intervals`), a section of paired changes vs CE with 95 % intervals.
 
     Returns:
         ``(table, metrics)`` with ``metrics[group.label][key]`` as in :func:`group_metrics`.
@@ -168,6 +171,10 @@ def comparison_table(groups: list[RunGroup]) -> tuple[Table, dict[str, dict[str,
     metric_row("top-1 accuracy", "accuracy", ".4f", _points)
     metric_row("ECE (15 bins)", "ece", ".4f")
     metric_row("mean entropy (nats)", "entropy", ".3f")
+    if intervals is not None and reference is not None and buckets:
+        section("paired perplexity change vs CE, 95 % CI (bootstrap over seed pairs and held-out blocks)")
+        for key, label in [*buckets, ("overall", "overall")]:
+            row(label, lambda g, m, key=key: _interval_cell(g, reference, intervals, key))
     if tasks:
         shots = sorted({(r.lm_eval or {}).get("num_fewshot") for g in groups for r in g.runs} - {None})
         section(f"benchmarks ({'/'.join(str(s) for s in shots)}-shot; accuracy, TriviaQA exact match)")
@@ -176,6 +183,44 @@ def comparison_table(groups: list[RunGroup]) -> tuple[Table, dict[str, dict[str,
         if len([t for t in tasks if t != "triviaqa"]) > 1:
             metric_row("average (multiple choice)", "bench/average", ".4f", _points)
     return Table(header, rows, sections), metrics
+
+
+def _interval_cell(group: RunGroup, reference: RunGroup, intervals: dict[str, GroupIntervals], key: str) -> str:
+    if group is reference:
+        return "reference"
+    found = intervals.get(group.label)
+    interval = found.intervals.get(key) if found is not None else None
+    if interval is None:
+        return "unavailable"
+    low, high = (f"{x:+.2f}".replace("-", "−") for x in (interval.low, interval.high))
+    return f"{interval.change:+.2f} % [{low}, {high}]".replace("-", "−")
+
+
+def interval_verdicts(groups: list[RunGroup], intervals: dict[str, GroupIntervals]) -> list[str]:
+    """One line per non-CE group: its paired perplexity change vs CE on every bucket (rarest first) and overall,
+    e.g. ``"MiLe γ=1 σ=1 vs CE (2 seed pairs × 512 blocks): low: lower, 95 % CI [−4.10 %, −1.20 %]; ..."``."""
+    buckets = reported_buckets(groups)
+    lines = []
+    for group in groups:
+        found = intervals.get(group.label)
+        if found is None:
+            continue
+        if not found.pairs:
+            reason = "; ".join(found.notes) or "no evaluated run of this loss"
+            lines.append(f"{group.label} vs CE: interval unavailable ({reason})")
+            continue
+        blocks = min(len(pair.count) for pair in found.pairs)
+        parts = []
+        for name, label in [*reversed(buckets), ("overall", "overall")]:
+            interval = found.intervals.get(name)
+            shown = name if name in ("high", "medium", "low", "overall") else label
+            parts.append(f"{shown}: " + (format_interval(interval) if interval is not None else
+                                         "interval unavailable (too few tokens or blocks)"))
+        pairs = len(found.pairs)
+        head = f"{group.label} vs CE ({pairs} seed pair{'s' if pairs > 1 else ''} × {blocks} blocks)"
+        notes = f" [{'; '.join(found.notes)}]" if found.notes else ""
+        lines.append(f"{head}: {'; '.join(parts)}{notes}")
+    return lines
 
 
 def _best(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]], key: str, lower: bool):
