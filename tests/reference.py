@@ -9,6 +9,15 @@ Conventions of the engine that the oracle states independently:
 * p = 0 entries (a -inf logit) contribute 0 to the entropy (lim p->0 of p log p).
 * ``reduction="sum"``/``"none"`` and ``normalize="none"`` carry the weights times exp(-c), with c from
   :func:`sum_shift` (0 unless (sigma + ln V)^gamma > 2^32); a weighted mean does not depend on c.
+
+The options of issue 12, stated here as plain formulas:
+* ``softcap=s``: z <- s tanh(z / s) first; everything below reads the capped logits.
+* ``label_smoothing=eps``: ce_i = (1 - eps) nll_i + eps (lse_i - mean_v z_iv) (F.cross_entropy's definition);
+  focal's p_y is exp(-nll_i), MiLe's H the entropy of softmax(z_i).
+* ``token_weights=t``: every weight w_i becomes t_i w_i (the token-count normaliser of normalize="none"
+  becomes sum of t over valid tokens).
+* ``z_loss=c``: mean reductions add c * sum_valid t_i lse_i^2 / sum_valid t_i; "sum" adds
+  c exp(-shift) sum_valid t_i lse_i^2, "none" c exp(-shift) t_i lse_i^2 per token.
 """
 
 import math
@@ -27,17 +36,28 @@ def entropy_of(log_probs):
     return -(probs * safe_log).sum(-1)
 
 
-def per_token_terms(logits, targets, weighting, gamma, sigma, ignore_index=IGNORE, detach_weight=True):
+def capped(logits, softcap):
+    """s * tanh(z / s) in float64 (z itself when softcap is None)."""
+    z = logits.double()
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def per_token_terms(logits, targets, weighting, gamma, sigma, ignore_index=IGNORE, detach_weight=True,
+                    softcap=None, label_smoothing=0.0, token_weights=None):
     """(ce, entropy, weight) per row in float64; ce and weight are 0 at ignored rows.
 
-    ce_i = -log softmax(z_i)[y_i];  H_i = -sum_v p_iv log p_iv;
-    ce: w = 1;  focal: w = (1 - p_i[y_i])^gamma;  mile: w = (sigma + H_i)^gamma.
+    nll_i = -log softmax(z_i)[y_i];  ce_i = (1 - eps) nll_i - eps mean_v log softmax(z_i)_v;
+    H_i = -sum_v p_iv log p_iv;  ce: w = 1;  focal: w = (1 - p_i[y_i])^gamma;  mile: w = (sigma + H_i)^gamma;
+    then w_i *= t_i.
     """
-    z = logits.double()
+    z = capped(logits, softcap)
     log_p = torch.log_softmax(z, dim=-1)
     valid = targets != ignore_index
     picked = log_p.gather(-1, torch.where(valid, targets, 0)[:, None]).squeeze(-1)
-    ce = torch.where(valid, -picked, torch.zeros_like(picked))
+    ce = -picked
+    if label_smoothing:
+        ce = (1 - label_smoothing) * ce + label_smoothing * -log_p.mean(-1)  # lse - mean z = -mean log p
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
     log_p_w = log_p.detach() if detach_weight else log_p
     entropy = entropy_of(log_p_w)
     if weighting == "ce":
@@ -49,6 +69,8 @@ def per_token_terms(logits, targets, weighting, gamma, sigma, ignore_index=IGNOR
         weight = (sigma + entropy) ** gamma
     else:
         raise ValueError(weighting)
+    if token_weights is not None:
+        weight = weight * token_weights.double().reshape(-1)
     weight = torch.where(valid, weight, torch.zeros_like(weight))
     return ce, entropy, weight
 
@@ -63,28 +85,56 @@ def sum_shift(weighting, gamma, sigma, vocab):
 
 
 def loss(logits, targets, weighting="mile", gamma=1.0, sigma=1.0, reduction="mean", normalize="weighted",
-         ignore_index=IGNORE, detach_weight=True):
+         ignore_index=IGNORE, detach_weight=True, softcap=None, label_smoothing=0.0, token_weights=None, z_loss=0.0):
     """"mean": sum_i w_i ce_i / sum_i w_i ("weighted") or / #valid ("none", times exp(-c));
     "sum": exp(-c) sum_i w_i ce_i;  "none": (N,) exp(-c) w_i ce_i (0 where ignored). An empty or all-ignored
-    batch gives 0 (with a zero gradient)."""
-    ce, _, weight = per_token_terms(logits, targets, weighting, gamma, sigma, ignore_index, detach_weight)
+    batch gives 0 (with a zero gradient). With token weights #valid is sum of t over valid tokens; the z-loss
+    term of :func:`z_term` is added."""
+    ce, _, weight = per_token_terms(logits, targets, weighting, gamma, sigma, ignore_index, detach_weight,
+                                    softcap, label_smoothing, token_weights)
     terms = weight * ce
+    z = z_term(logits, targets, reduction, z_loss, ignore_index, softcap, token_weights,
+               math.exp(-sum_shift(weighting, gamma, sigma, logits.shape[-1])))
     if reduction == "mean" and normalize == "weighted":
         total = weight.sum()
-        return terms.sum() / total if total > 0 else terms.sum() * 0
+        return (terms.sum() / total if total > 0 else terms.sum() * 0) + z
     terms = terms * math.exp(-sum_shift(weighting, gamma, sigma, logits.shape[-1]))
     if reduction == "none":
-        return terms
+        return terms + z
     if reduction == "sum":
-        return terms.sum()
-    count = (targets != ignore_index).sum().double()
-    return terms.sum() / count if count > 0 else terms.sum() * 0
+        return terms.sum() + z
+    count = token_mass(targets, ignore_index, token_weights).sum()
+    return (terms.sum() / count if count > 0 else terms.sum() * 0) + z
+
+
+def token_mass(targets, ignore_index=IGNORE, token_weights=None):
+    """t_i at valid tokens (1 without token weights), 0 at ignored ones, float64."""
+    valid = (targets != ignore_index).double()
+    return valid if token_weights is None else valid * token_weights.double().reshape(-1)
+
+
+def z_term(logits, targets, reduction, z_loss, ignore_index=IGNORE, softcap=None, token_weights=None,
+           sum_factor=1.0):
+    """The z-loss: c * sum_valid t lse^2 / sum_valid t for "mean"; c * sum_factor * t_i lse_i^2 per token
+    ("none") or summed ("sum"). 0 (a float) when z_loss is 0."""
+    if not z_loss:
+        return 0.0
+    lse = torch.logsumexp(capped(logits, softcap), dim=-1)
+    mass = token_mass(targets, ignore_index, token_weights)
+    per_token = torch.where(mass > 0, mass * lse**2, torch.zeros_like(lse))
+    if reduction == "none":
+        return z_loss * sum_factor * per_token
+    if reduction == "sum":
+        return z_loss * sum_factor * per_token.sum()
+    total = mass.sum()
+    return z_loss * per_token.sum() / total if total > 0 else per_token.sum() * 0
 
 
 def token_weighted_loss_reference(logits, targets, weighting="mile", gamma=1.0, sigma=1.0, ignore_index=IGNORE,
-                                  reduction="mean", normalize="weighted", detach_weight=True):
+                                  reduction="mean", normalize="weighted", detach_weight=True, **options):
     """:func:`loss` under the keyword names of the engine's ``token_weighted_loss``."""
-    return loss(logits, targets, weighting, gamma, sigma, reduction, normalize, ignore_index, detach_weight)
+    return loss(logits, targets, weighting, gamma, sigma, reduction, normalize, ignore_index, detach_weight,
+                **options)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,24 +153,33 @@ def token_weighted_loss_reference(logits, targets, weighting="mile", gamma=1.0, 
 #   loss  = alpha * w * ce, then .mean() over ALL positions (ignored ones included)
 
 
-def official(logits, labels, weighting="mile", gamma=1.0, sigma=1.0, ignore_index=IGNORE, alpha_override=None):
+def official(logits, labels, weighting="mile", gamma=1.0, sigma=1.0, ignore_index=IGNORE, alpha_override=None,
+             softcap=None, label_smoothing=0.0, token_weights=None):
     """The per-position terms ``alpha * w * ce`` (N,) of the official loss, in float64; their ``.mean()`` is
-    the loss. ``alpha_override`` stands in for the cross-rank mean of the ranks' alphas."""
-    z = logits.double()
-    ce = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none")
+    the loss. ``alpha_override`` stands in for the cross-rank mean of the ranks' alphas. The issue-12 options
+    (not in the official code) extend it as in :func:`per_token_terms`: capped logits, smoothed ce (focal's
+    p_t from the unsmoothed nll), w *= t at every position."""
+    z = capped(logits, softcap)
+    nll = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none")
+    ce = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     if weighting == "mile":
         probs = torch.clamp(torch.softmax(z.detach(), dim=-1), 1e-8, 1.0)
         entropy = torch.sum(-1 * (probs * torch.log(probs)), dim=-1)
         weight = (sigma + entropy) ** gamma
     elif weighting == "focal":
-        p_t = torch.exp(-ce).detach()
+        p_t = torch.exp(-nll).detach()
         weight = (1 - p_t) ** gamma
     else:
         weight = torch.ones_like(ce)
+    if token_weights is not None:
+        weight = weight * token_weights.double().reshape(-1)
     alpha = 1.0 / weight.mean() if alpha_override is None else alpha_override
     return alpha * weight * ce
 
 
-def official_loss(logits, labels, weighting="mile", gamma=1.0, sigma=1.0, ignore_index=IGNORE):
-    """The official loss itself: the mean over all positions of :func:`official`'s terms."""
-    return official(logits, labels, weighting, gamma, sigma, ignore_index).mean()
+def official_loss(logits, labels, weighting="mile", gamma=1.0, sigma=1.0, ignore_index=IGNORE, softcap=None,
+                  label_smoothing=0.0, token_weights=None, z_loss=0.0):
+    """The official loss itself: the mean over all positions of :func:`official`'s terms (+ the z-loss mean)."""
+    terms = official(logits, labels, weighting, gamma, sigma, ignore_index, softcap=softcap,
+                     label_smoothing=label_smoothing, token_weights=token_weights)
+    return terms.mean() + z_term(logits, labels, "mean", z_loss, ignore_index, softcap, token_weights)

@@ -121,8 +121,8 @@ def test_numpy_scalars_are_accepted_as_options():
 
 def test_unknown_keyword_is_a_type_error_naming_it():
     logits, targets = logits_targets()
-    with pytest.raises(TypeError, match="label_smoothing"):
-        mileloss.mile_loss(logits, targets, label_smoothing=0.1)
+    with pytest.raises(TypeError, match="label_smoothng"):
+        mileloss.mile_loss(logits, targets, label_smoothng=0.1)
 
 
 @pytest.mark.parametrize("name", ["hidden", "weight", "targets", "bias"])

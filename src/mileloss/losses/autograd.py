@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-from mileloss.losses.chunked import LinearHead, LogitsHead, LossSpec, compute_dtype, loss_scale, run_chunks
+from mileloss.losses.chunked import (
+    LinearHead,
+    LogitsHead,
+    LossSpec,
+    _all_reduce,
+    _inverse_or_zero,
+    _world_size,
+    compute_dtype,
+    loss_scale,
+    run_chunks,
+)
+from mileloss.losses.weights import log_weight_shift
 
 STAT_KEYS = ("ce", "entropy", "log_weight", "lse")
 
@@ -15,14 +27,18 @@ class TokenStats(NamedTuple):
     """Per-token diagnostics from the same pass that computed the loss (no second pass).
 
     Per token, shaped like ``targets``, detached, float32 (float64 for float64 inputs):
-        ce, entropy, lse: CE_i, H_i (of the unclamped softmax, except in paper mode) and logsumexp(z_i);
-        ce is 0 at ignored positions.
-        weight: w_i = exp(log_weight_i), 0 at ignored positions; inf where w_i exceeds the dtype (gamma = 40
-        at V = 32000 gives ~1e42): use ``log_weight`` there.
-        log_weight: log w_i, -inf at ignored positions.
+        ce, entropy, lse: CE_i (label-smoothed when ``label_smoothing`` > 0: the CE the weight multiplies),
+        H_i (of the unclamped softmax, except in paper mode) and logsumexp(z_i), all of the capped logits
+        under a ``softcap``; ce is 0 at ignored positions.
+        weight: w_i = exp(log_weight_i), times the caller's t_i when ``token_weights`` is given; 0 at ignored
+        positions; inf where w_i exceeds the dtype (gamma = 40 at V = 32000 gives ~1e42): use ``log_weight``.
+        log_weight: log w_i (+ log t_i), -inf at ignored positions.
     0-d float64 sums over *this* process's tokens only (sum them over micro-batches / all-reduce them to
     normalise exactly; see ``WeightNormalizer``):
-        weight_sum = sum_i w_i exp(-c),  weighted_ce_sum = sum_i w_i CE_i exp(-c),  valid_count,
+        weight_sum = sum_i w_i exp(-c),  weighted_ce_sum = sum_i w_i CE_i exp(-c),  valid_count (the number
+        of valid tokens, or sum_i t_i over them with ``token_weights``),
+        z_loss_sum = z_loss * exp(-c) * sum_i t_i lse_i^2 (0 without z-loss): the z-loss part of a
+        ``reduction="sum"`` loss, on the scale of weighted_ce_sum,
         log_weight_shift = c, the fixed shift of the unnormalised outputs (``weights.log_weight_shift``:
         0 for ce/focal and for MiLe unless (sigma + ln V)^gamma > 2^32). The ratio of the two sums is the
         weighted-mean loss whatever c is.
@@ -37,6 +53,7 @@ class TokenStats(NamedTuple):
     weighted_ce_sum: torch.Tensor
     log_weight: torch.Tensor
     log_weight_shift: torch.Tensor
+    z_loss_sum: torch.Tensor | None = None
 
 
 class ForwardResult(NamedTuple):
@@ -47,6 +64,37 @@ class ForwardResult(NamedTuple):
     global_loss: torch.Tensor  # 0-d float64, normalised over all ranks
     head: object
     running: torch.Tensor | None  # single pass: the shift the head's sums over tokens are relative to
+    z_scale: torch.Tensor | None  # 0-d float64: the z-loss term is z_scale * sum_i t_i lse_i^2 (None: no z-loss)
+    z_sum: torch.Tensor | None  # 0-d float64: sum_i t_i lse_i^2 over this process's valid tokens
+
+
+def token_mass(targets: torch.Tensor, spec: LossSpec, token_weights: torch.Tensor | None) -> torch.Tensor:
+    """t_i (float64, (N,)) at valid tokens, 0 at ignored ones; t_i = 1 without caller's token weights."""
+    valid = targets != spec.ignore_index
+    if token_weights is None:
+        return valid.double()
+    return torch.where(valid, token_weights.double(), torch.zeros((), dtype=torch.float64, device=valid.device))
+
+
+def z_loss_scale(spec: LossSpec, mass: torch.Tensor, lse: torch.Tensor, vocab: int):
+    """(z_scale, z_sum), 0-d float64: the z-loss term added to the loss is ``z_scale * z_sum`` with
+    z_sum = sum_i t_i lse_i^2 over this process's valid tokens and
+
+        mean (any normalize): z_scale = z_loss * world / sum_i t_i   (sums over all ranks: the global mean,
+                              times the world size so that DDP's gradient averaging is exact)
+        "sum" / "none":       z_scale = z_loss * exp(-c)            (c the fixed shift of the weighted terms,
+                              so that WeightNormalizer's division by the shifted weight sum does not depend on c)
+    """
+    lse = lse.double()
+    terms = torch.where(mass > 0, mass * lse * lse, torch.zeros_like(lse))  # an ignored NaN row stays out
+    z_sum = terms.sum()
+    if spec.reduction == "mean":
+        totals = _all_reduce(torch.stack([z_sum, mass.sum()]), spec.process_group)
+        z_scale = spec.z_loss * _world_size(spec.process_group) * _inverse_or_zero(totals[1])
+    else:
+        shift = log_weight_shift(spec.weighting, spec.gamma, spec.sigma, vocab)
+        z_scale = torch.tensor(spec.z_loss * math.exp(-shift), dtype=torch.float64, device=lse.device)
+    return z_scale, z_sum
 
 
 def _make_head(tensors):
@@ -60,8 +108,10 @@ def output_dtype(spec: LossSpec, input_dtype: torch.dtype) -> torch.dtype:
     return input_dtype if spec.reduction == "mean" else compute_dtype(input_dtype)
 
 
-def _forward(spec: LossSpec, targets: torch.Tensor, tensors, needs: tuple[bool, ...]) -> ForwardResult:
-    """Run the loop once; the head holds the (unnormalised) gradients if the single pass applies."""
+def _forward(spec: LossSpec, targets: torch.Tensor, tensors, needs: tuple[bool, ...],
+             token_weights: torch.Tensor | None = None) -> ForwardResult:
+    """Run the loop once; the head holds the (unnormalised) gradients if the single pass applies.
+    ``token_weights``: (N,) the caller's t_i >= 0 (checked), or None."""
     head = _make_head(tensors)
     n = head.num_rows
     single_pass = any(needs) and spec.single_pass
@@ -71,13 +121,26 @@ def _forward(spec: LossSpec, targets: torch.Tensor, tensors, needs: tuple[bool, 
     stats = {key: torch.zeros(n, dtype=dtype, device=targets.device) for key in keys}
     if single_pass:
         head.allocate_grads(needs)
-    running = run_chunks(head, targets, spec, coefs="weight" if single_pass else None, stats_out=stats)
+    log_t = None if token_weights is None else token_weights.to(dtype).log()  # log 0 = -inf: excluded
+    running = run_chunks(head, targets, spec, coefs="weight" if single_pass else None, stats_out=stats,
+                         log_token_weights=log_t)
     valid = targets != spec.ignore_index
-    shift, scale, global_loss = loss_scale(spec, stats, valid, head.vocab)
+    mass = None if token_weights is None else token_mass(targets, spec, token_weights)
+    shift, scale, global_loss = loss_scale(spec, stats, valid, head.vocab,
+                                           count=None if mass is None else mass.sum())
     terms = torch.exp(stats["log_weight"].double() - shift) * stats["ce"].double()  # 0 where ignored
     loss = terms * scale if spec.reduction == "none" else terms.sum() * scale
+    z_scale = z_sum = None
+    if spec.z_loss:
+        mass = token_mass(targets, spec, token_weights) if mass is None else mass
+        z_scale, z_sum = z_loss_scale(spec, mass, stats["lse"], head.vocab)
+        if spec.reduction == "none":
+            lse = stats["lse"].double()
+            loss = loss + torch.where(mass > 0, z_scale * mass * lse * lse, torch.zeros_like(lse))
+        else:
+            loss = loss + z_scale * z_sum
     loss = loss.to(output_dtype(spec, tensors[0].dtype))
-    return ForwardResult(loss, stats, shift, scale, global_loss, head, running)
+    return ForwardResult(loss, stats, shift, scale, global_loss, head, running, z_scale, z_sum)
 
 
 def _scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
@@ -97,9 +160,9 @@ class TokenWeightedLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, spec: LossSpec, targets: torch.Tensor, *tensors):
-        needs = tuple(ctx.needs_input_grad[2:])
-        result = _forward(spec, targets, tensors, needs)
+    def forward(ctx, spec: LossSpec, targets: torch.Tensor, token_weights, *tensors):
+        needs = tuple(ctx.needs_input_grad[3:])
+        result = _forward(spec, targets, tensors, needs, token_weights)
         stats = result.stats
         ctx.spec, ctx.shift, ctx.scale = spec, result.shift, result.scale
         if spec.single_pass:
@@ -113,6 +176,7 @@ class TokenWeightedLossFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(targets, stats["log_weight"], stats["ce"], result.global_loss, *tensors[:2])
             ctx.bias = tensors[2] if len(tensors) == 3 else None
+            ctx.token_weights, ctx.z_scale = token_weights, result.z_scale
         outputs = (result.loss, stats["ce"], stats["entropy"], stats["log_weight"], stats["lse"])
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -121,8 +185,8 @@ class TokenWeightedLossFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *unused_stat_grads):
         if ctx.spec.single_pass:
-            return (None, None, *_single_pass_backward(ctx, grad_loss))
-        return (None, None, *_recompute_backward(ctx, grad_loss))
+            return (None, None, None, *_single_pass_backward(ctx, grad_loss))
+        return (None, None, None, *_recompute_backward(ctx, grad_loss))
 
 
 def _single_pass_backward(ctx, grad_loss):
@@ -153,7 +217,7 @@ def _recompute_backward(ctx, grad_loss):
     """One more sweep with coef_ce_i = go_i * scale * w_i' and, for a non-detached weight,
     coef_logw_i = go_i * scale * (CE_i - centre) * w_i', w_i' = exp(lw_i - shift) the forward's shifted
     weights and centre the weighted-mean loss (the derivative of sum w CE / sum w w.r.t. w_i is
-    (CE_i - loss) / sum w)."""
+    (CE_i - loss) / sum w); with a z-loss, coef_z_i = go_i * z_scale * t_i."""
     spec = ctx.spec
     targets, log_weight, ce, global_loss, *saved = ctx.saved_tensors
     tensors = (*saved, ctx.bias) if len(saved) == 2 else tuple(saved)
@@ -168,9 +232,14 @@ def _recompute_backward(ctx, grad_loss):
         centre = global_loss if weighted_mean else 0.0
         terms = go * (ce.double() - centre) * weight
         coef_logw = torch.where(valid, terms, torch.zeros_like(terms)).to(dtype)
+    coef_z = None
+    if ctx.z_scale is not None:
+        coef_z = (grad_loss.detach().to(torch.float64) * ctx.z_scale
+                  * token_mass(targets, spec, ctx.token_weights)).to(dtype)
+    log_t = None if ctx.token_weights is None else ctx.token_weights.to(dtype).log()
     head = _make_head(tensors)
-    head.allocate_grads(tuple(ctx.needs_input_grad[2:]))
-    run_chunks(head, targets, spec, coefs=(coef_ce, coef_logw))
+    head.allocate_grads(tuple(ctx.needs_input_grad[3:]))
+    run_chunks(head, targets, spec, coefs=(coef_ce, coef_logw, coef_z), log_token_weights=log_t)
     return _cast(head.grads(), head.output_dtypes())
 
 

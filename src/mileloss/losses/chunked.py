@@ -48,6 +48,9 @@ class LossSpec:
     process_group: Any = field(default=None, compare=False)
     chunk_size: int | None = None
     return_stats: bool = False
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
 
     @property
     def needs_entropy(self) -> bool:
@@ -65,7 +68,7 @@ class LossSpec:
     @property
     def single_pass(self) -> bool:
         """Gradient built in forward: possible when the normaliser is a constant for autograd."""
-        return self.detach_weight and self.reduction != "none"
+        return self.detach_weight and self.reduction != "none" and self.z_loss == 0.0
 
 
 def default_chunk_size(num_rows: int, vocab: int, hidden_dim: int | None, device: torch.device) -> int:
@@ -211,7 +214,8 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 # per-chunk math
 
 
-def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, spec: LossSpec):
+def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, spec: LossSpec,
+                    log_token_weights: torch.Tensor | None = None):
     """Row statistics of one chunk, in place.
 
     Args:
@@ -220,12 +224,16 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
             reused as scratch).
         e: (C, V) buffer of the same dtype; on return holds exp(z - rowmax) (0 for a -inf logit).
         targets: (C,) int64 with ignored rows replaced by 0.   valid: (C,) bool.
+        log_token_weights: (C,) log t_i of the caller's token weights (-inf where t_i = 0), or None (t = 1).
     With ``spec.exact_tail`` the row maximum comes with its index and d = 1 + tail, log d = log1p(tail), with
     tail = sum over the other entries of e, summed without the maximum's 1 (see ``LossSpec.exact_tail``).
     Returns:
-        dict of (C,) tensors in the compute dtype: ce (0 where ignored, +inf where the target's logit is
-        -inf), entropy, log_weight (-inf where ignored), log_weight_all (the weight of every position, ignored
-        ones included, as the official code counts them in paper mode), lse, log_d, d, p_target.
+        dict of (C,) tensors in the compute dtype: ce (the cross-entropy the weight multiplies: with
+        ``spec.label_smoothing`` = eps, (1 - eps) nll + eps (lse - mean_v z_v); 0 where ignored, +inf where the
+        target's logit is -inf), nll (-log p_y, what focal's weight reads), entropy,
+        log_weight (-inf where ignored; + log t_i with token weights), log_weight_all (the weight of every
+        position, ignored ones included, as the official code counts them in paper mode), lse, log_d, d,
+        p_target.
     """
     if spec.exact_tail:
         rowmax, top = z.max(dim=1, keepdim=True)  # NaN if any logit is NaN
@@ -241,8 +249,13 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
     else:
         d = e.sum(dim=1)  # >= 1: the maximum contributes exactly 1
         log_d = d.log()
-    ce = log_d - z.gather(1, targets[:, None]).squeeze(1)
-    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    nll = log_d - z.gather(1, targets[:, None]).squeeze(1)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    ce = nll
+    if spec.label_smoothing:  # lse - mean_v z_v = log d - mean_v (z_v - m): one more (C, V) read, only here
+        eps = spec.label_smoothing
+        uniform = log_d - z.sum(dim=1) / z.shape[1]
+        ce = torch.where(valid, (1.0 - eps) * nll + eps * uniform, torch.zeros_like(nll))
     entropy = torch.zeros_like(d)
     if spec.needs_entropy:
         correction = _clamp_correction(z, e, log_d, d) if spec.normalize == "paper" else 0.0
@@ -254,10 +267,12 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
             z.clamp_min_(_FLOOR)  # finite stand-in for -inf (exp is 0 either way); keeps NaN rows NaN
             dot = torch.linalg.vecdot(e, z)
         entropy = log_d - dot / d + correction  # log d >= 0 and -dot >= 0: no cancellation, H >= 0
-    log_weight_all = log_token_weight(spec.weighting, entropy, ce, spec.gamma, spec.sigma)
+    log_weight_all = log_token_weight(spec.weighting, entropy, nll, spec.gamma, spec.sigma)
+    if log_token_weights is not None:
+        log_weight_all = log_weight_all + log_token_weights
     log_weight = torch.where(valid, log_weight_all, torch.full_like(log_weight_all, -math.inf))
-    return dict(ce=ce, entropy=entropy, log_weight=log_weight, log_weight_all=log_weight_all,
-                lse=rowmax.view(-1) + log_d, log_d=log_d, d=d, p_target=torch.exp(-ce))
+    return dict(ce=ce, nll=nll, entropy=entropy, log_weight=log_weight, log_weight_all=log_weight_all,
+                lse=rowmax.view(-1) + log_d, log_d=log_d, d=d, p_target=torch.exp(-nll))
 
 
 def _row_sum_of_products(product: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -288,29 +303,41 @@ def _clamp_correction(z: torch.Tensor, e: torch.Tensor, log_d: torch.Tensor, d: 
 
 def chunk_logit_grad(
     z: torch.Tensor, e: torch.Tensor, out: torch.Tensor, stats: dict, targets: torch.Tensor,
-    coef_ce: torch.Tensor, coef_logw: torch.Tensor | None, spec: LossSpec,
+    coef_ce: torch.Tensor, coef_logw: torch.Tensor | None, spec: LossSpec, coef_z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient of sum_i [coef_ce_i * CE_i + coef_logw_i * log w_i] w.r.t. the chunk's logits, into ``out``.
+    """Gradient of sum_i [coef_ce_i CE_i + coef_logw_i log w_i + coef_z_i lse_i^2] w.r.t. the chunk's logits
+    (the capped ones, under a softcap), into ``out``.
 
-    d CE_i / dz     = p - onehot(y)                              (the cross-entropy part)
+    d CE_i / dz     = p - (1 - eps) onehot(y) - eps / V          (the cross-entropy part, eps = label smoothing)
     d log w_i / dz  = lw'(H) * (-p * (log p + H))                 (mile, only when the weight is not detached)
-                    = lw'(p_y) * p_y * (onehot(y) - p)           (focal: the same shape as the CE part)
+                    = lw'(p_y) * p_y * (onehot(y) - p)           (focal)
+    d lse_i^2 / dz  = 2 lse_i p                                   (z-loss)
     with lw' = d log w / d(statistic) (:func:`log_weight_derivative`); a caller wanting the derivative through
     w_i passes coef_logw_i = coef_w_i * w_i. ``z``/``e`` come from :func:`chunk_row_stats` (``z`` is only
     read for a non-detached MiLe weight); ``out`` may alias ``e``. Rows with p = 0 entries get 0 there.
+    The gradient is ``a_p * p - a_y * onehot(y) - a_u / V`` with per-row coefficients; without smoothing,
+    z-loss or a non-detached focal weight, a_p = a_y = coef_ce and a_u = 0 (no extra pass).
     """
-    a = coef_ce
+    a_p = a_y = coef_ce
+    eps = spec.label_smoothing
+    if eps:
+        a_y = coef_ce * (1.0 - eps)
     if coef_logw is not None and spec.weighting == "focal":
-        dlogw = log_weight_derivative("focal", stats["entropy"], stats["ce"], spec.gamma, spec.sigma)
-        a = a - coef_logw * dlogw * stats["p_target"]
+        b = coef_logw * log_weight_derivative("focal", stats["entropy"], stats["nll"], spec.gamma, spec.sigma) \
+            * stats["p_target"]
+        a_p, a_y = a_p - b, a_y - b
+    if coef_z is not None:
+        a_p = a_p + 2.0 * coef_z * stats["lse"]
     if coef_logw is not None and spec.weighting == "mile":
-        # grad = p * (a - c * (log p + H)) - a * onehot, c = coef_logw * lw'(H); log p = z - log d
-        c = coef_logw * log_weight_derivative("mile", stats["entropy"], stats["ce"], spec.gamma, spec.sigma)
-        z.sub_((stats["log_d"] - stats["entropy"])[:, None]).mul_(-c[:, None]).add_(a[:, None])
+        # grad = p * (a_p - c * (log p + H)) - ..., c = coef_logw * lw'(H); log p = z - log d
+        c = coef_logw * log_weight_derivative("mile", stats["entropy"], stats["nll"], spec.gamma, spec.sigma)
+        z.sub_((stats["log_d"] - stats["entropy"])[:, None]).mul_(-c[:, None]).add_(a_p[:, None])
         torch.mul(e, z, out=out).div_(stats["d"][:, None])
     else:
-        torch.mul(e, (a / stats["d"])[:, None], out=out)  # a * softmax
-    out.scatter_add_(1, targets[:, None], -a[:, None])  # the one-hot part: C entries, no V-wide write
+        torch.mul(e, (a_p / stats["d"])[:, None], out=out)  # a_p * softmax
+    out.scatter_add_(1, targets[:, None], -a_y[:, None])  # the one-hot part: C entries, no V-wide write
+    if eps:
+        out.sub_((coef_ce * (eps / out.shape[1]))[:, None])
     return out
 
 
@@ -318,11 +345,17 @@ def chunk_logit_grad(
 # the chunk loop
 
 
-def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_out: dict | None = None):
+def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_out: dict | None = None,
+               log_token_weights: torch.Tensor | None = None):
     """One sweep over all rows; fills ``stats_out`` (a dict of (N,) tensors, keys from :func:`chunk_row_stats`).
 
-    ``coefs=(coef_ce, coef_logw)`` (each (N,) or None): also writes into ``head`` the logit gradient of
-    sum_i coef_ce_i CE_i + coef_logw_i log w_i (the backward of the recompute path).
+    ``log_token_weights``: (N,) log t_i of the caller's token weights (added to every log-weight), or None.
+    With ``spec.softcap`` = s each chunk's logits become s tanh(z / s) before anything else, and the logit
+    gradient is multiplied by the derivative 1 - tanh(z / s)^2 before it reaches the head (a third
+    (chunk, V) buffer holds the tanh; only when a softcap is set).
+
+    ``coefs=(coef_ce, coef_logw, coef_z)`` (each (N,) or None): also writes into ``head`` the logit gradient
+    of sum_i coef_ce_i CE_i + coef_logw_i log w_i + coef_z_i lse_i^2 (the backward of the recompute path).
 
     ``coefs="weight"`` (the single pass): writes the gradient of sum_i exp(lw_i - R_i) CE_i, where R_i is
     the running maximum of the log-weights over the chunks up to row i's; ``stats_out["row_shift"]`` gets
@@ -337,6 +370,7 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
     dtype = compute_dtype(head.output_dtypes()[0])
     z_buf = torch.empty((min(chunk, n), vocab), dtype=dtype, device=device)
     e_buf = torch.empty_like(z_buf)
+    cap_buf = torch.empty_like(z_buf) if spec.softcap is not None else None
     valid_all = targets != spec.ignore_index
     safe_all = torch.where(valid_all, targets, torch.zeros_like(targets))
     running = torch.full((), -math.inf, dtype=dtype, device=device)
@@ -345,8 +379,12 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
         rows = stop - start
         z = head.chunk_logits(z_buf[:rows], start, stop)
         e = e_buf[:rows]
+        if cap_buf is not None:  # z <- s tanh(z / s), the tanh kept for the gradient
+            tanh = torch.div(z, spec.softcap, out=cap_buf[:rows]).tanh_()
+            torch.mul(tanh, spec.softcap, out=z)
         safe, valid = safe_all[start:stop], valid_all[start:stop]
-        stats = chunk_row_stats(z, e, safe, valid, spec)
+        log_t = None if log_token_weights is None else log_token_weights[start:stop]
+        stats = chunk_row_stats(z, e, safe, valid, spec, log_t)
         if stats_out is not None:
             for key in stats_out:
                 if key != "row_shift":
@@ -364,12 +402,13 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
             if stats_out is not None and "row_shift" in stats_out:
                 stats_out["row_shift"][start:stop] = running
             base = torch.where(running == -math.inf, torch.zeros_like(running), running)
-            coef_ce, coef_logw = torch.exp(log_weight - base), None
+            coef_ce, coef_logw, coef_z = torch.exp(log_weight - base), None, None
         else:
-            coef_ce = coefs[0][start:stop]
-            coef_logw = None if coefs[1] is None else coefs[1][start:stop]
+            coef_ce, coef_logw, coef_z = (None if c is None else c[start:stop] for c in coefs)
         out = head.gradient_buffer(e, start, stop)
-        grad_z = chunk_logit_grad(z, e, out, stats, safe, coef_ce, coef_logw, spec)
+        grad_z = chunk_logit_grad(z, e, out, stats, safe, coef_ce, coef_logw, spec, coef_z)
+        if cap_buf is not None:  # chain rule through s tanh(z / s): times 1 - tanh^2
+            grad_z.mul_(tanh.square_().neg_().add_(1.0))
         head.accumulate(grad_z, start, stop)
     return running if coefs == "weight" else None
 
@@ -404,14 +443,15 @@ def _inverse_or_zero(value: torch.Tensor) -> torch.Tensor:
     return torch.where(value == 0, torch.zeros_like(value), 1.0 / value)
 
 
-def loss_scale(spec: LossSpec, stats: dict, valid: torch.Tensor, vocab: int):
+def loss_scale(spec: LossSpec, stats: dict, valid: torch.Tensor, vocab: int, count: torch.Tensor | None = None):
     """(shift, scale, global_loss), 0-d float64: the loss is ``scale * sum_i exp(lw_i - shift) CE_i``
     (``scale * exp(lw_i - shift) CE_i`` per token for reduction "none").
 
     * "weighted" mean: shift = max_i lw_i over all ranks (all-reduce MAX), scale = world / sum_i exp(lw_i - shift)
       (all-reduce SUM). The weighted mean is invariant to the shift, so this is exact for any weights.
     * "sum", "none" and the "none" (token-count) mean: shift = c from :func:`log_weight_shift` (fixed by the
-      options and V), scale = 1 (or world / global count).
+      options and V), scale = 1 (or world / global count; ``count``, 0-d float64, replaces the number of
+      valid tokens: the sum of the caller's token weights over them).
     * "paper": see :func:`_paper_scale`.
 
     ``global_loss`` is the normalised loss over all ranks (the centre of the exact gradient of a non-detached
@@ -433,7 +473,8 @@ def loss_scale(spec: LossSpec, stats: dict, valid: torch.Tensor, vocab: int):
         weighted_ce = (torch.exp(log_weight - shift) * ce).sum()
         if spec.reduction != "mean":
             return shift, torch.ones_like(shift), weighted_ce
-        totals = _all_reduce(torch.stack([weighted_ce, valid.sum().double()]), group)
+        count = valid.sum().double() if count is None else count
+        totals = _all_reduce(torch.stack([weighted_ce, count]), group)
     inverse = _inverse_or_zero(totals[1])
     return shift, inverse * _world_size(group), totals[0] * inverse
 

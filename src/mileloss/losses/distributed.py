@@ -17,6 +17,14 @@ rank, and ``TokenStats.weight_sum``/``weighted_ce_sum`` use the same ``c``: the 
 ratio is the weighted mean whatever ``c`` is. What a fixed shift cannot absorb is a step whose every weight is
 tiny relative to exp(c): :meth:`WeightNormalizer.rescale_gradients_` raises ``WeightRangeError`` when the
 step's largest shifted weight is below 2^-64 instead of applying gradients that lost their precision.
+
+A z-loss (``z_loss=c``) is part of each micro-batch's ``"sum"`` loss as c exp(-c_shift) sum_i t_i lse_i^2
+(``TokenStats.z_loss_sum``), and a gradient buffer has room for one normaliser only: the step's gradient is
+that of (sum_i w_i CE_i + c sum_i t_i lse_i^2) / W, and the returned loss is that quantity. With
+``normalize="none"`` (W = the valid-token count, or sum t) and for ``weighting="ce"`` (w = 1) that is
+exactly the per-step loss plus c * mean lse^2; for focal and MiLe under ``normalize="weighted"`` the z-loss is
+divided by sum w instead of the token count, i.e. scaled by (token count / sum w). Exact alternatives: one
+``reduction="mean"`` call per step, or a z-loss coefficient divided by that ratio from the previous step.
 """
 
 from __future__ import annotations
@@ -74,7 +82,10 @@ class WeightNormalizer:
                                  f"{self.shift}): the same weighting, gamma, sigma and vocabulary are needed")
         self.scale, self.shift = float(scale), shift
         denominator = stats.weight_sum if self.normalize == "weighted" else stats.valid_count
-        values = torch.stack([stats.weighted_ce_sum.double(), denominator.double()])
+        numerator = stats.weighted_ce_sum.double()
+        if stats.z_loss_sum is not None:  # the z-loss part of the "sum" loss, normalised with it
+            numerator = numerator + stats.z_loss_sum.double()
+        values = torch.stack([numerator, denominator.double()])
         self._totals = values if self._totals is None else self._totals + values
         log_weight = stats.log_weight.detach().reshape(-1).double()
         top = (log_weight.max() if log_weight.numel() else torch.tensor(-math.inf, dtype=torch.float64,

@@ -65,9 +65,10 @@ from mileloss.errors import (
     ParameterError,
     ShapeError,
     TargetRangeError,
+    TokenWeightError,
 )
-from mileloss.losses.autograd import TokenStats, TokenWeightedLossFunction, _forward
-from mileloss.losses.chunked import LossSpec
+from mileloss.losses.autograd import TokenStats, TokenWeightedLossFunction, _forward, token_mass
+from mileloss.losses.chunked import LossSpec, compute_dtype
 from mileloss.losses.weights import WEIGHTINGS, log_weight_shift
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -116,8 +117,25 @@ def _flag(name: str, value) -> bool:
     return value
 
 
+def _softcap(value) -> float | None:
+    if value is None:
+        return None
+    value = _real("softcap", value, math.inf)
+    if value == 0:
+        raise ParameterError("softcap must be > 0 (or None for no cap), got 0")
+    return value
+
+
+def _label_smoothing(value) -> float:
+    value = _real("label_smoothing", value, 1.0)
+    if value >= 1.0:
+        raise ParameterError(f"label_smoothing must be in [0, 1), got {value}")
+    return value
+
+
 def make_spec(weighting="mile", gamma=1.0, sigma=1.0, ignore_index=-100, reduction="mean", normalize="weighted",
-              detach_weight=True, process_group=None, chunk_size=None, return_stats=False) -> LossSpec:
+              detach_weight=True, process_group=None, chunk_size=None, return_stats=False, softcap=None,
+              label_smoothing=0.0, z_loss=0.0) -> LossSpec:
     """Check every option (named :class:`ParameterError` on a wrong type or value) and build the spec."""
     spec = LossSpec(
         weighting=_choice("weighting", weighting, WEIGHTINGS),
@@ -130,6 +148,9 @@ def make_spec(weighting="mile", gamma=1.0, sigma=1.0, ignore_index=-100, reducti
         process_group=process_group,
         chunk_size=_integer("chunk_size", chunk_size, allow_none=True),
         return_stats=_flag("return_stats", return_stats),
+        softcap=_softcap(softcap),
+        label_smoothing=_label_smoothing(label_smoothing),
+        z_loss=_real("z_loss", z_loss, math.inf),
     )
     if spec.chunk_size is not None and spec.chunk_size < 1:
         raise ParameterError(f"chunk_size must be a positive int or None, got {spec.chunk_size!r}")
@@ -175,27 +196,54 @@ def _check_devices(**tensors) -> None:
         raise DeviceError(f"tensors are on different devices: {devices}")
 
 
-def _finish(outputs, targets: torch.Tensor, spec: LossSpec, vocab: int):
+def _check_token_weights(token_weights, targets: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """The caller's per-token weights as a detached (N,) tensor of the compute dtype, or None.
+
+    A floating tensor shaped like ``targets`` (or flat, (N,)), on the inputs' device, every value finite and
+    >= 0 (one host synchronisation); no gradient flows to it."""
+    if token_weights is None:
+        return None
+    _check_tensor("token_weights", token_weights)
+    if not token_weights.dtype.is_floating_point:
+        raise DTypeError(f"token_weights must be a floating-point tensor, got dtype {token_weights.dtype}")
+    n = targets.numel()
+    if tuple(token_weights.shape) not in (tuple(targets.shape), (n,)):
+        raise ShapeError(f"token_weights shape {tuple(token_weights.shape)} must be the targets' shape "
+                         f"{tuple(targets.shape)} or ({n},)")
+    if token_weights.device != device:
+        raise DeviceError(f"token_weights is on {token_weights.device}, the inputs on {device}")
+    flat = token_weights.detach().reshape(-1)
+    bad = ~torch.isfinite(flat) | (flat < 0)
+    if bool(bad.any()):
+        value = float(flat[bad][0])
+        raise TokenWeightError(f"token_weights must be finite and >= 0 (0 excludes a token), got {value}")
+    return flat.to(compute_dtype(dtype))
+
+
+def _finish(outputs, targets: torch.Tensor, spec: LossSpec, vocab: int, token_weights=None):
     loss, ce, entropy, log_weight, lse = outputs
     shape = targets.shape
     if spec.reduction == "none":
         loss = loss.view(shape)
     if not spec.return_stats:
         return loss
-    valid = targets.reshape(-1) != spec.ignore_index
+    mass = token_mass(targets.reshape(-1), spec, token_weights)
     shift = log_weight_shift(spec.weighting, spec.gamma, spec.sigma, vocab)
     shifted = torch.exp(log_weight.double() - shift)
+    lse64 = lse.double()
+    z_terms = torch.where(mass > 0, mass * lse64 * lse64, torch.zeros_like(lse64))
+    z_loss_sum = z_terms.sum() * (spec.z_loss * math.exp(-shift))
     stats = TokenStats(ce.view(shape), entropy.view(shape), log_weight.exp().view(shape), lse.view(shape),
-                       shifted.sum(), valid.sum().double(), (shifted * ce.double()).sum(), log_weight.view(shape),
-                       torch.tensor(shift, dtype=torch.float64, device=log_weight.device))
+                       shifted.sum(), mass.sum(), (shifted * ce.double()).sum(), log_weight.view(shape),
+                       torch.tensor(shift, dtype=torch.float64, device=log_weight.device), z_loss_sum)
     return loss, stats
 
 
 @torch.compiler.disable  # the chunk loop runs eagerly; a surrounding torch.compile graph-breaks here
-def _apply(spec: LossSpec, targets: torch.Tensor, *tensors):
+def _apply(spec: LossSpec, targets: torch.Tensor, token_weights, *tensors):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return TokenWeightedLossFunction.apply(spec, targets, *tensors)
-    result = _forward(spec, targets, tensors, needs=(False,) * len(tensors))
+        return TokenWeightedLossFunction.apply(spec, targets, token_weights, *tensors)
+    result = _forward(spec, targets, tensors, needs=(False,) * len(tensors), token_weights=token_weights)
     stats = result.stats
     return result.loss, stats["ce"], stats["entropy"], stats["log_weight"], stats["lse"]
 
@@ -214,6 +262,10 @@ def token_weighted_loss(
     process_group=None,
     chunk_size: int | None = None,
     return_stats: bool = False,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    token_weights: torch.Tensor | None = None,
+    z_loss: float = 0.0,
 ):
     """Token-weighted cross-entropy from logits, chunked; ``weighting`` in {"ce", "focal", "mile"}.
 
@@ -242,6 +294,22 @@ def token_weighted_loss(
         chunk_size: rows per chunk (an int >= 1, not a bool); default from the vocab size and device.
         return_stats: also return a :class:`TokenStats` (per-token ce, entropy, weight, log-weight, lse;
             local sums).
+        softcap: None, or s > 0: the logits become s * tanh(z / s) before anything else (Gemma 2); entropy,
+            weights, CE and lse all see the capped logits, the gradient flows through the tanh. A -inf logit
+            becomes -s (no longer masked) and a +inf one s, as in Gemma.
+        label_smoothing: eps in [0, 1): CE_i becomes (1 - eps) nll_i + eps (lse_i - mean_v z_iv), exactly
+            ``F.cross_entropy(label_smoothing=eps)``'s per-token term; the weight multiplies this smoothed CE,
+            while focal's p_y stays exp(-nll_i) and MiLe's entropy is that of the predicted distribution.
+        token_weights: None, or the caller's weights t_i >= 0 (finite floats, shaped like ``targets`` or
+            flat (N,); no gradient flows to them): they multiply the weighting's own weight in numerator and
+            denominator, sum t w CE / sum t w (``normalize="none"``: / sum t over valid tokens); t_i = 0
+            excludes token i (its log-weight is -inf, as an ignored token's).
+        z_loss: c >= 0: adds c * sum_i t_i lse_i^2 / sum_i t_i over valid tokens (PaLM; t = 1 without token
+            weights; not multiplied by the weighting's w) to every "mean"; under a process group the sums are
+            global (and the term multiplied by the world size, as the means are). "sum" adds
+            c * exp(-c_shift) * sum_i t_i lse_i^2 and "none" the per-token c * exp(-c_shift) t_i lse_i^2 (so
+            "sum" is the sum of "none"; ``TokenStats.z_loss_sum`` reports the part). A z-loss > 0 makes the
+            backward recompute the chunks (one more sweep).
     Returns:
         The loss (0-d, or shaped like ``targets`` for "none"), and the stats if asked. A mean comes back in
         the logits' dtype; "sum" and "none" in float32 (float64 for float64 logits), also for 16-bit logits.
@@ -252,7 +320,7 @@ def token_weighted_loss(
         ParameterError (all ``ValueError``).
     """
     spec = make_spec(weighting, gamma, sigma, ignore_index, reduction, normalize, detach_weight, process_group,
-                     chunk_size, return_stats)
+                     chunk_size, return_stats, softcap, label_smoothing, z_loss)
     _check_float("logits", logits, 1)
     _check_tensor("targets", targets)
     _check_devices(logits=logits, targets=targets)
@@ -260,8 +328,9 @@ def token_weighted_loss(
     if vocab == 0:
         raise ShapeError(f"logits have an empty class dimension: shape {tuple(logits.shape)}")
     flat = _check_targets(targets, tuple(logits.shape[:-1]), vocab, spec.ignore_index, "logits")
-    outputs = _apply(spec, flat, logits.reshape(-1, vocab))
-    return _finish(outputs, flat.view(targets.shape), spec, vocab)
+    weights = _check_token_weights(token_weights, targets, logits.device, logits.dtype)
+    outputs = _apply(spec, flat, weights, logits.reshape(-1, vocab))
+    return _finish(outputs, flat.view(targets.shape), spec, vocab, weights)
 
 
 def linear_token_weighted_loss(
@@ -280,6 +349,10 @@ def linear_token_weighted_loss(
     process_group=None,
     chunk_size: int | None = None,
     return_stats: bool = False,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    token_weights: torch.Tensor | None = None,
+    z_loss: float = 0.0,
 ):
     """Token-weighted cross-entropy of ``F.linear(hidden, weight, bias)`` without the (N, V) logits.
 
@@ -292,7 +365,7 @@ def linear_token_weighted_loss(
         Other arguments as in :func:`token_weighted_loss`.
     """
     spec = make_spec(weighting, gamma, sigma, ignore_index, reduction, normalize, detach_weight, process_group,
-                     chunk_size, return_stats)
+                     chunk_size, return_stats, softcap, label_smoothing, z_loss)
     _check_float("hidden", hidden, 1)
     _check_float("weight", weight, 2)
     _check_tensor("targets", targets)
@@ -316,8 +389,9 @@ def linear_token_weighted_loss(
     if vocab == 0:
         raise ShapeError(f"weight has an empty vocabulary dimension: shape {tuple(weight.shape)}")
     flat = _check_targets(targets, tuple(hidden.shape[:-1]), vocab, spec.ignore_index, "hidden")
-    outputs = _apply(spec, flat, hidden.reshape(-1, hidden.shape[-1]), weight, bias)
-    return _finish(outputs, flat.view(targets.shape), spec, vocab)
+    weights = _check_token_weights(token_weights, targets, hidden.device, hidden.dtype)
+    outputs = _apply(spec, flat, weights, hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    return _finish(outputs, flat.view(targets.shape), spec, vocab, weights)
 
 
 def mile_loss(logits, targets, *, gamma: float = 1.0, sigma: float = 1.0, **kwargs):

@@ -8,34 +8,41 @@ from mileloss.losses.functional import linear_token_weighted_loss, make_spec, to
 
 
 class TokenWeightedLoss(torch.nn.Module):
-    """``loss = module(logits, targets)``; options as in :func:`mileloss.token_weighted_loss`, checked here
-    (a bad option raises ``ParameterError`` at construction, not at the first call)."""
+    """``loss = module(logits, targets, token_weights=None)``; options as in
+    :func:`mileloss.token_weighted_loss`, checked here (a bad option raises ``ParameterError`` at
+    construction, not at the first call); ``token_weights`` is per call."""
 
     weighting = "mile"
 
     def __init__(self, *, gamma: float = 1.0, sigma: float = 1.0, ignore_index: int = -100,
                  reduction: str = "mean", normalize: str = "weighted", detach_weight: bool = True,
-                 process_group=None, chunk_size: int | None = None, return_stats: bool = False):
+                 process_group=None, chunk_size: int | None = None, return_stats: bool = False,
+                 softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0):
         super().__init__()
         self.options = dict(weighting=self.weighting, gamma=gamma, sigma=sigma, ignore_index=ignore_index,
                             reduction=reduction, normalize=normalize, detach_weight=detach_weight,
-                            process_group=process_group, chunk_size=chunk_size, return_stats=return_stats)
+                            process_group=process_group, chunk_size=chunk_size, return_stats=return_stats,
+                            softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss)
         make_spec(**self.options)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return token_weighted_loss(logits, targets, **self.options)
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor | None = None):
+        return token_weighted_loss(logits, targets, token_weights=token_weights, **self.options)
 
     def extra_repr(self) -> str:
         shown = ("weighting", "gamma", "sigma", "ignore_index", "reduction", "normalize")
-        return ", ".join(f"{key}={self.options[key]!r}" for key in shown)
+        extra = tuple(key for key, off in (("softcap", None), ("label_smoothing", 0.0), ("z_loss", 0.0))
+                      if self.options[key] != off)
+        return ", ".join(f"{key}={self.options[key]!r}" for key in shown + extra)
 
 
 class LinearTokenWeightedLoss(TokenWeightedLoss):
-    """``loss = module(hidden, lm_head_weight, targets, bias=None)``, never materialising the logits."""
+    """``loss = module(hidden, lm_head_weight, targets, bias=None, token_weights=None)``, never materialising
+    the logits."""
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                bias: torch.Tensor | None = None):
-        return linear_token_weighted_loss(hidden, weight, targets, bias, **self.options)
+                bias: torch.Tensor | None = None, token_weights: torch.Tensor | None = None):
+        return linear_token_weighted_loss(hidden, weight, targets, bias, token_weights=token_weights,
+                                          **self.options)
 
 
 class MiLeLoss(TokenWeightedLoss):
