@@ -98,5 +98,5 @@ def test_patch_rejects_unknown_loss_and_models_without_lm_head(model_and_batch):
     model, _, _ = model_and_batch
     with pytest.raises(ValueError, match="loss must be one of"):
         patch_causal_lm(model, loss="entropy")
-    with pytest.raises(ValueError, match="lm_head"):
+    with pytest.raises(ValueError, match="get_output_embeddings"):
         patch_causal_lm(torch.nn.Linear(2, 2))

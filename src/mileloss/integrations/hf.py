@@ -1,14 +1,17 @@
 """MiLe, focal or CE loss for Hugging Face ``transformers`` causal LMs.
 
-Two ways in, in rising order of savings:
+Three ways in, in rising order of savings and exactness:
 
 >>> trainer = Trainer(model=model, args=args, train_dataset=data,
 ...                   compute_loss_func=make_compute_loss_func("mile", gamma=1.0, sigma=1.0))   # doctest: +SKIP
->>> patch_causal_lm(model, loss="mile")      # model(input_ids, labels=labels).loss is now MiLe   # doctest: +SKIP
+>>> apply_mileloss(model, loss="mile")      # model(input_ids, labels=labels).loss is now MiLe   # doctest: +SKIP
+>>> trainer = MiLeTrainer(model=apply_mileloss(model, "mile"), args=args, train_dataset=data)  # doctest: +SKIP
 
-``make_compute_loss_func`` computes the loss from the model's logits. ``patch_causal_lm`` replaces the model's
-``forward`` so that, when ``labels`` are given, the loss is computed from the last hidden states with the fused
-LM-head loss: in training mode the (tokens, vocab) logits are never built (``outputs.logits`` is ``None``).
+``make_compute_loss_func`` computes the loss from the model's logits. ``apply_mileloss`` (alias
+``patch_causal_lm``) replaces the model's ``forward`` so that, when ``labels`` are given, the loss is computed from
+the last hidden states with the fused LM-head loss: in training mode the (tokens, vocab) logits are never built
+(``outputs.logits`` is ``None``). ``mileloss.integrations.MiLeTrainer`` (``integrations/trainer.py``) adds the
+exact normalisation under gradient accumulation.
 
 Labels follow the Hugging Face convention: ``labels`` are the input ids (``-100`` where ignored); they are padded
 with ``-100`` on the right and shifted left by one, so position t predicts token t + 1.
@@ -16,22 +19,26 @@ with ``-100`` on the right and shifted left by one, so position t predicts token
 ``num_items_in_batch`` (what ``Trainer`` passes under gradient accumulation) is the number of target tokens of
 the whole accumulated batch. The returned loss is then the local weighted mean times ``local tokens /
 num_items_in_batch``: exact for CE (the sum divided by the global count, as Hugging Face does) and, for focal and
-MiLe, the token-count-weighted average of the micro-batches' weighted means (the exact global weighted mean needs
-the global weight sum: use ``mileloss.losses.WeightNormalizer`` in a custom loop, as ``mileloss train`` does).
+MiLe, the token-count-weighted average of the micro-batches' weighted means. The exact global weighted mean needs
+the global weight sum: ``MiLeTrainer`` (or ``mileloss.losses.WeightNormalizer`` in a custom loop, as
+``mileloss train`` does).
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mileloss.errors import ParameterError, TrainerSetupError, UnsupportedModelError
 from mileloss.losses import linear_token_weighted_loss, token_weighted_loss
 
 __all__ = [
-    "causal_lm_loss", "make_compute_loss_func", "patch_causal_lm", "shift_labels", "unpatch", "unpatch_causal_lm",
+    "FAMILIES", "REFUSED", "apply_mileloss", "causal_lm_loss", "make_compute_loss_func", "patch_causal_lm",
+    "shift_labels", "unpatch", "unpatch_causal_lm",
 ]
 
 _KINDS = ("ce", "focal", "mile")
@@ -52,7 +59,7 @@ def _scale_to_batch(loss: torch.Tensor, stats, num_items_in_batch) -> torch.Tens
 
 def _check_kind(loss: str) -> None:
     if loss not in _KINDS:
-        raise ValueError(f"loss must be one of {_KINDS}, got {loss!r}")
+        raise ParameterError(f"loss must be one of {_KINDS}, got {loss!r}")
 
 
 def causal_lm_loss(
@@ -102,43 +109,139 @@ def make_compute_loss_func(loss: str = "mile", *, gamma: float = 1.0, sigma: flo
     return compute_loss_func
 
 
+# verified families: the ``*ForCausalLM`` class name -> (what the README calls it, router auxiliary loss?)
+FAMILIES: dict[str, tuple[str, bool]] = {
+    "LlamaForCausalLM": ("Llama", False),
+    "MistralForCausalLM": ("Mistral", False),
+    "Qwen2ForCausalLM": ("Qwen2", False),
+    "Qwen3ForCausalLM": ("Qwen3", False),
+    "Phi3ForCausalLM": ("Phi-3", False),
+    "Olmo2ForCausalLM": ("OLMo 2", False),
+    "GPTNeoXForCausalLM": ("GPT-NeoX", False),
+    "MixtralForCausalLM": ("Mixtral", True),
+    "Qwen2MoeForCausalLM": ("Qwen2-MoE", True),
+}
+# families whose forward transforms the logits after the head in a way the engine cannot reproduce yet
+REFUSED: dict[str, str] = {
+    "Gemma2ForCausalLM": "a final-logit softcap (config.final_logit_softcapping): the loss engine has no `softcap` "
+                         "option yet",
+    "Gemma3ForCausalLM": "a final-logit softcap (config.final_logit_softcapping): the loss engine has no `softcap` "
+                         "option yet",
+}
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _family(model: torch.nn.Module) -> tuple[str | None, type | None]:
+    """The first class of the model's MRO that is a verified or refused family (subclasses inherit it)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES or cls.__name__ in REFUSED:
+            return cls.__name__, cls
+    return None, None
+
+
+def _check_model(model: torch.nn.Module) -> tuple[str, torch.nn.Module | None]:
+    """(family class name, the module defining it) or UnsupportedModelError naming what is missing."""
+    kind = type(model).__name__
+    if hasattr(model, "peft_config") or kind.startswith("Peft"):
+        raise UnsupportedModelError(
+            f"{kind} is a PEFT wrapper: apply_mileloss does not fuse PEFT (LoRA) models yet (the head's adapters "
+            "would be skipped); patch a plain *ForCausalLM")
+    name, cls = _family(model)
+    if name in REFUSED:
+        softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        raise UnsupportedModelError(f"{kind} ({name}) applies {REFUSED[name]} (this model's value: {softcap!r}); "
+                                    "train it with make_compute_loss_func, or the plain model")
+    missing = []
+    prefix = getattr(model, "base_model_prefix", None)
+    if not prefix or not isinstance(getattr(model, prefix, None), torch.nn.Module):
+        missing.append(f"a body module at `.{prefix or 'base_model_prefix'}` (the model's base_model_prefix)")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Linear):
+        missing.append(f"an nn.Linear output embedding from get_output_embeddings() (got {type(head).__name__})")
+    config = getattr(model, "config", None)
+    for attribute in _LOGIT_TRANSFORMS:
+        if getattr(config, attribute, None) not in (None, 1, 1.0):
+            missing.append(f"support for config.{attribute} = {getattr(config, attribute)!r}, which transforms the "
+                           "logits after the head")
+    if name is None:
+        verified = ", ".join(label for label, _ in FAMILIES.values())
+        missing.append(f"a verified family: its class ({kind}) derives from none of {', '.join(FAMILIES)} "
+                       f"({verified}), so its forward may do more than head + cross-entropy")
+    if missing:
+        raise UnsupportedModelError(f"apply_mileloss cannot fuse {kind}: missing " + "; ".join(missing))
+    return name, inspect.getmodule(cls)
+
+
+def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The positions whose logits the caller asked for, as Hugging Face's ``logits_to_keep`` selects them."""
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    return hidden[:, logits_to_keep]
+
+
 def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
     """Replacement ``forward``: the body, then the fused loss on the last hidden states when labels are given."""
     if labels is None:
         return self._mileloss_original_forward(
             input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs
         )
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
     options = self._mileloss_options
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     targets = kwargs.pop("shift_labels", None)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    router_aux = options["router_aux"]
+    if router_aux is not None:
+        output_router_logits = kwargs.pop("output_router_logits", None)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        kwargs["output_router_logits"] = output_router_logits
+    outputs = getattr(self, self.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs[0]  # (B, T, D) last hidden states
     if targets is None:
         targets = shift_labels(labels, options["ignore_index"])
-    head = self.lm_head
+    head = self.get_output_embeddings()
     weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
     bias = None if head.bias is None else head.bias.to(hidden.dtype)
+    # MiLeTrainer collects the exact normaliser: in training it asks for the unnormalised sum (times a fixed scale)
+    collector = getattr(self, "_mileloss_collector", None)
+    summing = collector is not None and self.training and torch.is_grad_enabled()
     with torch.autocast(hidden.device.type, enabled=False):
         loss, stats = linear_token_weighted_loss(
             hidden, weight, targets.to(hidden.device), bias, weighting=options["loss"], gamma=options["gamma"],
             sigma=options["sigma"], ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
-            return_stats=True,
+            reduction="sum" if summing else "mean", return_stats=True,
         )
-    loss = _scale_to_batch(loss, stats, num_items_in_batch)
+    if summing:
+        loss = loss * collector(stats, num_items_in_batch)
+    else:
+        loss = _scale_to_batch(loss, stats, num_items_in_batch)
+    aux_loss = None
+    if router_aux is not None and kwargs["output_router_logits"]:
+        if summing:
+            raise TrainerSetupError(
+                f"{type(self).__name__} adds its router auxiliary loss (output_router_logits=True); MiLeTrainer's "
+                "exact normalisation would rescale it too: set config.output_router_logits = False, or use Trainer")
+        aux_loss = router_aux(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
+        loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
     return_logits = options["return_logits"]
     if return_logits is None:
         return_logits = not self.training
-    logits = head(hidden) if return_logits else None
+    logits = head(_keep(hidden, logits_to_keep)) if return_logits else None
+    output_class = CausalLMOutputWithPast if router_aux is None else MoeCausalLMOutputWithPast
     # the cache field is `cache` in recent transformers, `past_key_values` before
-    known = CausalLMOutputWithPast.__dataclass_fields__
-    extra = {name: getattr(outputs, name, None) for name in ("cache", "past_key_values", "hidden_states", "attentions")
-             if name in known}
-    return CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
+    known = output_class.__dataclass_fields__
+    extra = {name: getattr(outputs, name, None) for name in ("cache", "past_key_values", "hidden_states", "attentions",
+                                                             "router_logits") if name in known}
+    if router_aux is not None:
+        extra["aux_loss"] = aux_loss
+    result = output_class(loss=loss, logits=logits, **extra)
+    return result.to_tuple() if return_dict is False else result
 
 
-def patch_causal_lm(
+def apply_mileloss(
     model: torch.nn.Module,
     loss: str = "mile",
     *,
@@ -148,38 +251,49 @@ def patch_causal_lm(
     chunk_size: int | None = None,
     return_logits: bool | None = None,
 ) -> torch.nn.Module:
-    """Make a ``*ForCausalLM`` compute its training loss with the fused linear loss (in place; returns the model).
+    """Make a Hugging Face ``*ForCausalLM`` compute its training loss with the fused linear loss (in place).
 
-    Works for models with a ``.model`` body returning ``last_hidden_state`` and an ``nn.Linear`` ``.lm_head``
-    (LLaMA, Mistral, Qwen2, ...). Calls without ``labels`` run the original forward unchanged.
+    ``model(input_ids, labels=labels).loss`` becomes the CE, focal or MiLe loss computed chunk by chunk from the
+    last hidden states and the head's weight: in training mode the (tokens, vocab) logits are never built
+    (``outputs.logits`` is ``None``). Labels are shifted as Hugging Face does (``shift_labels=`` given by the
+    caller is used as is), ``ignore_index`` positions are skipped and ``num_items_in_batch`` scales the loss as
+    in the module docstring. Calls without ``labels`` run the original forward unchanged.
+
+    Families (``FAMILIES``; subclasses too): Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, GPT-NeoX, and the MoE
+    families Mixtral and Qwen2-MoE, whose router auxiliary loss is added as their own forward adds it
+    (``loss + router_aux_loss_coef * aux_loss`` when ``output_router_logits``). Gemma 2/3 are refused (their
+    final-logit softcap needs an engine option that does not exist yet), as is any other model, with an error that
+    names what is missing. Calling it again replaces the options.
 
     Args:
         model: e.g. a ``transformers.LlamaForCausalLM``.
         loss: "ce", "focal" or "mile".
         gamma, sigma: the token-weight parameters.
+        chunk_size: tokens per chunk of the fused loss (None: the engine's default).
         return_logits: also compute ``outputs.logits`` when labels are given; ``None`` (default) does so only in
             eval mode, so training never builds the (tokens, vocab) logits.
+    Returns:
+        The same model.
     Raises:
-        ValueError: the model has no ``.model``/``.lm_head``, or scales/caps its logits (which the fused loss
-            would not reproduce).
+        UnsupportedModelError: an unverified family, a missing body or ``nn.Linear`` head, a PEFT wrapper, or a
+            logit transform (softcap, logit scale) the fused loss would not reproduce.
     """
     _check_kind(loss)
-    if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear) or not hasattr(model, "model"):
-        raise ValueError(f"{type(model).__name__} has no `.model` body and `nn.Linear` `.lm_head` to fuse")
-    config = getattr(model, "config", None)
-    for attribute in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, attribute, None) not in (None, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} uses config.{attribute}; the fused loss would ignore it")
+    name, module = _check_model(model)
+    router_aux = module.load_balancing_loss_func if FAMILIES[name][1] else None
     if not hasattr(model, "_mileloss_original_forward"):
         model._mileloss_original_forward = model.forward
     model._mileloss_options = {"loss": loss, "gamma": gamma, "sigma": sigma, "ignore_index": ignore_index,
-                               "chunk_size": chunk_size, "return_logits": return_logits}
+                               "chunk_size": chunk_size, "return_logits": return_logits, "router_aux": router_aux}
     model.forward = types.MethodType(_fused_forward, model)
     return model
 
 
+patch_causal_lm = apply_mileloss
+
+
 def unpatch_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`patch_causal_lm` (no-op on an unpatched model)."""
+    """Undo :func:`apply_mileloss` (no-op on an unpatched model)."""
     if hasattr(model, "_mileloss_original_forward"):
         del model.forward  # the instance attribute; the class's forward shows through again
         del model._mileloss_original_forward

@@ -1,0 +1,103 @@
+"""MiLeTrainer: a real ``train()`` with gradient accumulation k = 2 equals one step on the whole batch (k = 1);
+the plain Trainer's deviation for MiLe is measured (and is zero for CE, which it normalises exactly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from mileloss.errors import TrainerSetupError
+from mileloss.integrations import MiLeTrainer, apply_mileloss
+
+VOCAB = 53
+EXAMPLES, LENGTH = 8, 12
+
+
+def tiny_llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      initializer_range=0.5)  # peaked, varied predictions: weights differ
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def dataset() -> list[dict[str, torch.Tensor]]:
+    """Rows with very different numbers of target tokens (masked prompts), so micro-batch means differ."""
+    generator = torch.Generator().manual_seed(3)
+    rows = []
+    for index in range(EXAMPLES):
+        input_ids = torch.randint(0, VOCAB, (LENGTH,), generator=generator)
+        labels = input_ids.clone()
+        labels[: (index * 5) % (LENGTH - 2)] = -100
+        rows.append({"input_ids": input_ids, "attention_mask": torch.ones(LENGTH, dtype=torch.long),
+                     "labels": labels})
+    return rows
+
+
+def train(tmp_path, trainer_class, loss, accumulation, max_grad_norm=0.0, steps=2):
+    """Two SGD steps on 4 rows each (k micro-batches of 4 / k); returns (final parameters, logged losses).
+    SGD, not Adam: Adam would hide a wrong gradient scale. With clipping the update's norm is lr * max_grad_norm,
+    so lr is larger there to keep the update well above the float32 rounding of the parameters."""
+    model = apply_mileloss(tiny_llama(), loss=loss, gamma=1.5, sigma=0.5)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"{trainer_class.__name__}-{loss}-{accumulation}"), use_cpu=True,
+        per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation, max_steps=steps,
+        learning_rate=0.05 if max_grad_norm == 0 else 1.0, optim="sgd", lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=max_grad_norm,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=7, dataloader_num_workers=0,
+    )
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if max_grad_norm:  # the clip did act (the logged norm is the one before clipping)
+        assert all(entry["grad_norm"] > 2 * max_grad_norm for entry in trainer.state.log_history if "loss" in entry)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, losses
+
+
+def deviation(params, reference, initial) -> float:
+    """|| update - reference update || / || reference update ||, over all parameters."""
+    num = sum(float(((params[n] - reference[n]) ** 2).sum()) for n in params)
+    den = sum(float(((reference[n] - initial[n]) ** 2).sum()) for n in params)
+    return (num / den) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def initial():
+    return {name: p.detach().clone() for name, p in tiny_llama().named_parameters()}
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])  # no clipping (the _get_grad_norm path); clipping
+@pytest.mark.parametrize("loss", ["mile", "focal"])
+def test_mile_trainer_with_accumulation_equals_one_step_on_the_whole_batch(tmp_path, initial, loss, max_grad_norm):
+    one, one_losses = train(tmp_path, MiLeTrainer, loss, 1, max_grad_norm)
+    two, two_losses = train(tmp_path, MiLeTrainer, loss, 2, max_grad_norm)
+    assert deviation(two, one, initial) < 1e-5
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the logged loss is the exact weighted mean of each step, the same however the step was accumulated
+    assert len(one_losses) == len(two_losses) == 2
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
+
+
+def test_plain_trainer_is_exact_for_ce_but_not_for_mile_and_the_deviation_is_measured(tmp_path, initial, capsys):
+    ce_one, _ = train(tmp_path, transformers.Trainer, "ce", 1, steps=1)
+    ce_two, _ = train(tmp_path, transformers.Trainer, "ce", 2, steps=1)
+    assert deviation(ce_two, ce_one, initial) < 1e-5
+    one, _ = train(tmp_path, transformers.Trainer, "mile", 1, steps=1)
+    two, _ = train(tmp_path, transformers.Trainer, "mile", 2, steps=1)
+    measured = deviation(two, one, initial)  # one SGD step without clipping: the relative gradient error
+    exact, _ = train(tmp_path, MiLeTrainer, "mile", 2, steps=1)
+    with capsys.disabled():
+        print(f"\nplain Trainer, MiLe gamma=1.5 sigma=0.5, k=2 vs k=1: relative gradient deviation {measured:.2e}; "
+              f"MiLeTrainer {deviation(exact, one, initial):.2e}")
+    assert measured > 1e-3  # the plain Trainer is measurably inexact here, so the test above can tell
+
+
+def test_mile_trainer_refuses_an_unpatched_model_and_a_compute_loss_func(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(TrainerSetupError, match="apply_mileloss"):
+        MiLeTrainer(model=tiny_llama(), args=args, train_dataset=dataset())
+    with pytest.raises(TrainerSetupError, match="compute_loss_func"):
+        MiLeTrainer(model=apply_mileloss(tiny_llama()), args=args, train_dataset=dataset(),
+                    compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss)
