@@ -51,7 +51,7 @@ def test_whitespace_only_corpus_raises_empty_corpus_error(tmp_path):
 
 def test_folder_without_corpus_files_raises_empty_corpus_error(tmp_path):
     (tmp_path / "notes.md").write_text("not a corpus file")
-    with pytest.raises(EmptyCorpusError, match="no .txt or .jsonl file"):
+    with pytest.raises(EmptyCorpusError, match=r"no \.txt or \.jsonl or .* or \.parquet file"):
         Corpus([tmp_path])
 
 

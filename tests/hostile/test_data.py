@@ -928,3 +928,112 @@ def test_token_counts_holding_a_pickle_are_refused_without_unpickling(tmp_path, 
     manifest.manifest_path.write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="not a readable .npy array"):
         load_manifest(manifest.path).token_counts()
+
+
+# --- compressed and columnar inputs (issue 9): a damaged file is a named error with its file and line/row -------
+
+
+def _pile_lines(count: int) -> bytes:
+    return b"".join(
+        json.dumps({"text": f"document number {i} " * 20, "meta": {"pile_set_name": "A"}}).encode() + b"\n"
+        for i in range(count)
+    )
+
+
+def _documents(path, **kwargs):
+    return list(corpora.Corpus([path], **kwargs).documents())
+
+
+def test_a_truncated_zstd_file_is_an_error_not_a_shorter_corpus(tmp_path):
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress(os.urandom(200_000).hex().encode().join([b'{"text": "', b'"}\n']))
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorpusFormatError, match=r"cut\.jsonl\.zst:1: damaged or truncated compressed stream"):
+        _documents(path)
+
+
+def test_a_zstd_file_cut_after_some_lines_names_the_next_line(tmp_path):
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor()
+    whole = compressor.compress(_pile_lines(5))
+    second = compressor.compress(_pile_lines(5))
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(whole + second[: len(second) - 3])  # first frame complete, second cut
+    with pytest.raises(CorpusFormatError, match=r"cut\.jsonl\.zst:\d+: damaged or truncated"):
+        _documents(path)
+
+
+def test_garbage_in_a_zstd_or_gzip_file_is_a_format_error(tmp_path):
+    (tmp_path / "bad.jsonl.zst").write_bytes(b"this is not zstd at all\n" * 10)
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(_pile_lines(20))[:-30])
+    with pytest.raises(CorpusFormatError, match=r"bad\.jsonl\.zst:1: damaged or truncated compressed stream"):
+        _documents(tmp_path / "bad.jsonl.zst")
+    with pytest.raises(CorpusFormatError, match=r"bad\.jsonl\.gz:\d+: damaged or truncated compressed stream"):
+        _documents(tmp_path / "bad.jsonl.gz")
+
+
+def test_invalid_json_or_utf8_inside_a_compressed_file_names_the_line(tmp_path):
+    import zstandard
+
+    (tmp_path / "json.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_pile_lines(3) + b"{oops\n"))
+    (tmp_path / "utf8.jsonl.gz").write_bytes(gzip.compress(_pile_lines(2) + b'{"text": "\xff\xfe"}\n'))
+    with pytest.raises(CorpusFormatError, match=r"json\.jsonl\.zst:4: invalid JSON"):
+        _documents(tmp_path / "json.jsonl.zst")
+    with pytest.raises(CorpusFormatError, match=r"utf8\.jsonl\.gz:3: not valid UTF-8"):
+        _documents(tmp_path / "utf8.jsonl.gz")
+
+
+def test_a_damaged_or_fake_parquet_file_is_a_format_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "fake.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(CorpusFormatError, match=r"fake\.parquet: not a readable parquet file"):
+        _documents(tmp_path / "fake.parquet")
+    table = pa.Table.from_pylist([{"text": f"row {i} " * 50} for i in range(200)])
+    pq.write_table(table, tmp_path / "good.parquet", row_group_size=50, compression="none")
+    data = bytearray((tmp_path / "good.parquet").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # damage a page in the middle
+    (tmp_path / "damaged.parquet").write_bytes(bytes(data))
+    with pytest.raises(CorpusFormatError, match=r"damaged\.parquet"):
+        _documents(tmp_path / "damaged.parquet")
+
+
+def test_a_parquet_row_with_a_null_or_non_string_text_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "fine"}, {"text": None}]), tmp_path / "null.parquet")
+    with pytest.raises(CorpusFormatError, match=r"null\.parquet:row 1: field 'text' is NoneType"):
+        _documents(tmp_path / "null.parquet")
+
+
+def test_a_truncated_input_fails_the_cli_in_one_line_and_leaves_out_untouched(tmp_path, capsys):
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress(_pile_lines(400))
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[:-10])
+    out = tmp_path / "data"
+    code = cli(["data", "--corpus", str(tmp_path / "cut.jsonl.zst"), "--out", str(out), "--vocab-size", "300",
+                "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cut.jsonl.zst" in err and "truncated" in err
+    assert not out.exists() or not any(out.iterdir())
+    assert [path.name for path in tmp_path.iterdir()] == ["cut.jsonl.zst"] or not any(
+        path.name.startswith(".") for path in tmp_path.iterdir()
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("[1]", "mapping"), ('{"A": -2}', ">= 0"), ('{"A": Infinity}', "finite"), ("{}", "non-empty")],
+)
+def test_a_bad_mix_file_fails_before_the_corpus_is_read_or_out_is_touched(tmp_path, capsys, content, message):
+    (tmp_path / "mix.json").write_text(content)
+    out = tmp_path / "data"
+    code = cli(["data", "--corpus", str(tmp_path / "absent.jsonl"), "--out", str(out), "--domain-field", "d",
+                "--mix", str(tmp_path / "mix.json")])
+    assert code == 2 and message in capsys.readouterr().err and not out.exists()

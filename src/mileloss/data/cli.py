@@ -4,6 +4,8 @@ mileloss data --corpus shakespeare --out data/shakespeare               # ~1 min
 mileloss data --corpus notes/ web.jsonl --text-field body --out data/mine --vocab-size 16384
 mileloss data --corpus kjv --tokenizer data/shakespeare/tokenizer --out data/kjv
 mileloss data --corpus shakespeare --out data/shakespeare --overwrite  # replace an earlier data folder
+mileloss data --corpus 'pile/train/*.jsonl.zst' --mix pile --out data/pile    # the paper's Pile mixture
+mileloss data --corpus dump/ --domain-field source --mix weights.yaml --out data/mixed --max-epochs 2
 
 --out must be absent, empty, or (with --overwrite) a folder an earlier `mileloss data` wrote and that holds
 nothing else; anything else is refused untouched. A killed run leaves --out as it was; the next run removes
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="NAME_OR_PATH",
-        help="named corpora (shakespeare, kjv, austen) and/or .txt/.jsonl files or folders of them",
+        help="named corpora (shakespeare, kjv, austen) and/or .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files, "
+        "folders of them, or globs ('pile/*.jsonl.zst')",
     )
     parser.add_argument("--out", required=True, help="data directory to write (absent, empty, or see --overwrite)")
     parser.add_argument(
@@ -38,7 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace --out if an earlier `mileloss data` wrote it (a folder with anything else is never replaced)",
     )
-    parser.add_argument("--text-field", default="text", help="text field of .jsonl records (default: text)")
+    parser.add_argument(
+        "--text-field", default="text", help="text field of JSONL/parquet records, dotted for nested ones (text)"
+    )
+    parser.add_argument(
+        "--domain-field",
+        help="field naming each record's domain, dotted for nested ones (the Pile: meta.pile_set_name); the "
+        "manifest then counts documents and tokens per domain and split",
+    )
+    parser.add_argument(
+        "--mix",
+        metavar="FILE_OR_PRESET",
+        help="sample domains by weight: a YAML/JSON mapping domain -> weight, or 'pile' (the paper's Pile weights; "
+        "implies --domain-field meta.pile_set_name); see mileloss.data.mixture",
+    )
+    parser.add_argument(
+        "--max-epochs", type=float, default=1.0, help="with --mix: most repetitions of any domain (default: 1)"
+    )
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default: 8192)")
     parser.add_argument("--tokenizer", help="use this Hugging Face tokenizer folder instead of training one")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for val (0.05)")
@@ -74,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             vocab_size=args.vocab_size,
             tokenizer=args.tokenizer,
             text_field=args.text_field,
+            domain_field=args.domain_field,
+            mix=args.mix,
+            max_epochs=args.max_epochs,
             val_fraction=args.val_fraction,
             seed=args.seed,
             max_shard_tokens=args.max_shard_tokens,
@@ -95,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
         f"tokens      {train.num_tokens:,} train, {val.num_tokens:,} val "
         f"({len(train.shards)} + {len(val.shards)} shards, {manifest.dtype.name})"
     )
+    for split, domains in manifest.extra.get("domains", {}).items():
+        shares = ", ".join(
+            f"{name} {entry['tokens'] / max(1, manifest.num_tokens(split)):.1%}" for name, entry in domains.items()
+        )
+        print(f"{split + ' domains':<11} {shares}")
     print(f"vocabulary  {manifest.vocab_size} (eos id {manifest.eos_token_id}), tokenizer in {manifest.tokenizer_dir}")
     print(f"time        {seconds:.1f} s")
     return 0

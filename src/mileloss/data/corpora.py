@@ -1,12 +1,20 @@
-"""Where documents come from: text files, JSONL files, folders of both, and named corpora.
+"""Where documents come from: text files, JSONL (plain, gzip, zstd), parquet, folders, globs, named corpora.
 
 A corpus is a list of *sources*, read in the order given:
 
 * a named corpus (``shakespeare``, ``kjv``, ``austen``; see ``mileloss.data.named``), fetched once
   into a cache folder;
-* a ``.jsonl`` file: one document per non-blank line, the text in a field (``text_field``);
+* a ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` file (the Pile's format): one document per non-blank line,
+  the text in a field (``text_field``), decompressed as a stream;
+* a ``.parquet`` file: one document per row, the text in a column (``text_field``), read in record batches
+  (pyarrow; memory bounded by one row group's column chunk, which the file's writer chose);
 * any other file: one document, read as UTF-8 (``.txt`` and friends);
-* a folder: every ``.txt`` and ``.jsonl`` file below it, recursively, in sorted path order.
+* a folder: every file with a suffix of ``CORPUS_SUFFIXES`` below it, recursively, in sorted path order;
+* a glob (``data/*.jsonl.zst``, ``pile/**/*.parquet``): the matching files in sorted order.
+
+``text_field`` and ``domain_field`` may be dotted paths into nested records (``meta.pile_set_name``); a key
+that itself holds a dot is found first. With a ``domain_field`` every record must carry a string there;
+plain text files carry no domain and are refused. Errors name the file and the line (JSONL) or row (parquet).
 
 Documents that hold only whitespace are skipped. A text file larger than ``LARGE_FILE_BYTES`` is never
 held in memory: it is read in blocks. Every document reaches the tokenizer in pieces of about
@@ -19,23 +27,31 @@ size. A text with no such place for ``MAX_PIECE_CHARS`` characters is refused as
 
 from __future__ import annotations
 
+import glob
+import gzip
 import io
 import json
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mileloss.errors import CorpusFormatError, CorpusNotFoundError, EmptyCorpusError
+from mileloss.errors import CorpusFormatError, CorpusNotFoundError, EmptyCorpusError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
 LARGE_FILE_BYTES = 8 * 2**20  # text files above this are streamed in blocks, never read whole
 BLOCK_CHARS = 2**20  # characters per piece handed to the tokenizer (and per read when streaming)
 MAX_PIECE_CHARS = 64 * 2**20  # a "word" longer than this (no whitespace at all) is refused
-CORPUS_SUFFIXES = (".txt", ".jsonl")  # what a folder source contributes
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+PARQUET_SUFFIXES = (".parquet",)
+CORPUS_SUFFIXES = (".txt", *JSONL_SUFFIXES, *PARQUET_SUFFIXES)  # what a folder source contributes
+ZSTD_READ_BYTES = 2**16  # compressed bytes fed to the zstd decoder at once
+PARQUET_BATCH_ROWS = 1024
+_GLOB_CHARACTERS = frozenset("*?[")
 _SPACE_AFTER_WORD = re.compile(r"\S(?=\s)")
 
 
@@ -44,14 +60,17 @@ class Document:
     """One document: a name saying where it came from, and its text (or the file that holds it).
 
     Attributes:
-        name: ``path/to/file.txt``, ``data.jsonl:12`` (file and line), or ``shakespeare/hamlet``.
+        name: ``path/to/file.txt``, ``data.jsonl:12`` (file and line), ``data.parquet:row 7``, or
+            ``shakespeare/hamlet``.
         text: the whole text, or ``None`` when the document is a large file streamed from ``path``.
         path: the file to stream when ``text`` is ``None``.
+        domain: the record's ``domain_field`` value (``None`` without a domain field).
     """
 
     name: str
     text: str | None = None
     path: Path | None = None
+    domain: str | None = None
 
     def chunks(self, block_chars: int | None = None) -> Iterator[str]:
         """The text in pieces of about ``block_chars`` characters whose concatenation is the document.
@@ -123,37 +142,196 @@ def _read_text_file(path: Path) -> Iterator[Document]:
     yield Document(str(path), text=text)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+_MISSING = object()
+
+
+def _import(module: str, package: str, what: str):
+    """``importlib.import_module(module)``, or a ``MissingDependencyError`` naming the install that fixes it."""
+    import importlib
+
     try:
-        with _open_text(path) as handle:
-            for line_number, line in enumerate(handle, start=1):
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"reading {what} needs {package}: pip install 'mileloss[train]' (or pip install {package})"
+        ) from error
+
+
+def field_value(record, field: str):
+    """``record[field]``, or the value at a dotted path (``meta.pile_set_name``); ``_MISSING`` if absent."""
+    if isinstance(record, dict) and field in record:
+        return record[field]
+    value = record
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _record_document(record, name: str, text_field: str, domain_field: str | None) -> Document:
+    """The document of one JSON record / parquet row; ``name`` (``file:line``) goes into every error."""
+    text = field_value(record, text_field)
+    if text is _MISSING:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise CorpusFormatError(f"{name}: no field {text_field!r} (found {keys}); choose the field with --text-field")
+    if not isinstance(text, str):
+        raise CorpusFormatError(f"{name}: field {text_field!r} is {type(text).__name__}, not a string")
+    domain = None
+    if domain_field is not None:
+        domain = field_value(record, domain_field)
+        if domain is _MISSING:
+            raise CorpusFormatError(f"{name}: no domain field {domain_field!r}; choose it with --domain-field")
+        if not isinstance(domain, str) or not domain:
+            raise CorpusFormatError(f"{name}: domain field {domain_field!r} is {domain!r}, not a non-empty string")
+    return Document(name, text=text, domain=domain)
+
+
+class _DamagedStreamError(OSError):
+    """Raised inside ``_ZstdReader``; ``_read_jsonl`` turns it into a ``CorpusFormatError`` naming the line."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """A ``.zst`` file decompressed as a stream, frame after frame; a truncated last frame is an error.
+
+    (``zstandard``'s own ``stream_reader`` ends silently at a truncated frame: a cut download would pass
+    for a shorter corpus.)
+    """
+
+    def __init__(self, path: Path):
+        zstandard = _import("zstandard", "zstandard", f"{path}")
+        self._zstd = zstandard
+        self._path = path
+        self._file = open(path, "rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._object = self._decompressor.decompressobj()
+        self._in_frame = False  # input has been fed since the last complete frame
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self._buffer:
+            chunk = self._file.read(ZSTD_READ_BYTES)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the last zstd frame is incomplete")
+                return 0
+            self._feed(chunk)
+        count = min(len(target), len(self._buffer))
+        target[:count] = self._buffer[:count]
+        self._buffer = self._buffer[count:]
+        return count
+
+    def _feed(self, chunk: bytes) -> None:
+        output = []
+        while chunk:
+            try:
+                output.append(self._object.decompress(chunk))
+            except self._zstd.ZstdError as error:
+                raise _DamagedStreamError(f"not a valid zstd stream: {error}") from error
+            self._in_frame = not self._object.eof
+            chunk = self._object.unused_data if self._object.eof else b""
+            if self._object.eof:
+                self._object = self._decompressor.decompressobj()
+        self._buffer += b"".join(output)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_jsonl(path: Path):
+    """A binary handle on a JSONL file, decompressing ``.gz`` and ``.zst`` as a stream."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path))
+    return open(path, "rb")
+
+
+def _read_jsonl(path: Path, text_field: str, domain_field: str | None = None) -> Iterator[Document]:
+    """One document per non-blank line; each line is decoded alone, so an error names its line exactly."""
+    line_number = 0
+    try:
+        with _open_jsonl(path) as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a byte-order mark
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise CorpusFormatError(
+                        f"{path}:{line_number}: not valid UTF-8 text ({error.reason} at byte {error.start} of the line)"
+                    ) from error
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise CorpusFormatError(f"{path}:{line_number}: invalid JSON ({error.msg})") from error
-                if not isinstance(record, dict) or text_field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise CorpusFormatError(
-                        f"{path}:{line_number}: no field {text_field!r} (found {keys}); "
-                        "choose the field with --text-field"
-                    )
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise CorpusFormatError(
-                        f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, not a string"
-                    )
-                yield Document(f"{path}:{line_number}", text=text)
-    except UnicodeDecodeError as error:
-        raise CorpusFormatError(f"{path}: not valid UTF-8 text ({error.reason} at byte {error.start})") from error
+                yield _record_document(record, f"{path}:{line_number}", text_field, domain_field)
+    except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile and _DamagedStreamError are OSErrors
+        raise CorpusFormatError(
+            f"{path}:{line_number + 1}: damaged or truncated compressed stream ({error})"
+        ) from error
 
 
-def _read_file(path: Path, text_field: str) -> Iterator[Document]:
+def _read_parquet(path: Path, text_field: str, domain_field: str | None = None) -> Iterator[Document]:
+    pa = _import("pyarrow", "pyarrow", f"{path}")
+    pq = _import("pyarrow.parquet", "pyarrow", f"{path}")
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise CorpusFormatError(f"{path}: not a readable parquet file ({error})") from error
+    names = parquet.schema_arrow.names
+    columns = []
+    for field in [text_field] if domain_field is None else [text_field, domain_field]:
+        column = field if field in names else field.split(".")[0]
+        if column not in names:
+            raise CorpusFormatError(f"{path}: no column {field!r} (found {names}); choose it with --text-field")
+        if column not in columns:
+            columns.append(column)
+    row = 0
+    try:
+        with parquet:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+                for record in _batch_rows(batch, path, row):
+                    yield _record_document(record, f"{path}:row {row}", text_field, domain_field)
+                    row += 1
+    except (pa.ArrowException, OSError) as error:
+        raise CorpusFormatError(f"{path}: damaged parquet data at or after row {row} ({error})") from error
+
+
+def _batch_rows(batch, path: Path, first_row: int) -> list[dict]:
+    """The batch's rows as dicts; a string column that is not UTF-8 is an error naming the row."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        for offset in range(batch.num_rows):  # the error path only: find the row
+            try:
+                batch.slice(offset, 1).to_pylist()
+            except UnicodeDecodeError as error:
+                raise CorpusFormatError(
+                    f"{path}:row {first_row + offset}: not valid UTF-8 text ({error.reason}); damaged file?"
+                ) from error
+        raise
+
+
+def _read_file(path: Path, text_field: str, domain_field: str | None = None) -> Iterator[Document]:
     if not path.is_file():  # a device (/dev/zero never ends), a FIFO (blocks), a socket: not a corpus file
         raise CorpusFormatError(f"{path}: not a regular file")
-    if path.suffix == ".jsonl":
-        yield from _read_jsonl(path, text_field)
+    if path.name.endswith(JSONL_SUFFIXES):
+        yield from _read_jsonl(path, text_field, domain_field)
+    elif path.name.endswith(PARQUET_SUFFIXES):
+        yield from _read_parquet(path, text_field, domain_field)
+    elif domain_field is not None:
+        raise CorpusFormatError(
+            f"{path}: a plain text file has no domain field {domain_field!r}; "
+            "domains come from .jsonl(.gz/.zst) or .parquet records"
+        )
     else:
         yield from _read_text_file(path)
 
@@ -167,12 +345,19 @@ def _folder_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda file: file.relative_to(folder).as_posix())
 
 
+def _glob_files(pattern: str) -> list[Path]:
+    """Regular files matching ``pattern`` (``**`` recurses), sorted; hidden names only if spelled out."""
+    return sorted(Path(name) for name in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(name).is_file())
+
+
 class Corpus:
     """An ordered list of sources that can be read as documents any number of times.
 
     Args:
         sources: named corpora and/or paths (files or folders), read in this order.
-        text_field: the JSON field holding the text in ``.jsonl`` files.
+        text_field: the field (dotted path) holding the text in JSONL records and parquet rows.
+        domain_field: the field (dotted path) holding each record's domain, e.g. ``meta.pile_set_name``;
+            ``None``: documents have no domain.
         cache_dir: where named corpora are downloaded (default: ``$MILELOSS_CACHE`` or
             ``~/.cache/mileloss/corpora``).
 
@@ -180,26 +365,42 @@ class Corpus:
     folder of that name. Named corpora are fetched (or found in the cache) when the ``Corpus`` is made.
 
     Raises:
-        CorpusNotFoundError: a source is neither a named corpus nor an existing path.
+        CorpusNotFoundError: a source is neither a named corpus, an existing path, nor a glob that matches.
         CorpusFetchError: a named corpus cannot be downloaded or fails its checksum.
 
     >>> corpus = Corpus(["notes.txt", "web.jsonl"])     # doctest: +SKIP
     >>> for document in corpus.documents(): ...          # doctest: +SKIP
     """
 
-    def __init__(self, sources: Sequence[str | os.PathLike], *, text_field: str = "text", cache_dir=None):
+    def __init__(
+        self,
+        sources: Sequence[str | os.PathLike],
+        *,
+        text_field: str = "text",
+        domain_field: str | None = None,
+        cache_dir=None,
+    ):
         from mileloss.data import named  # imported here: named.py imports Document from this module
 
         if not sources:
             raise CorpusNotFoundError("no corpus given: name a corpus (shakespeare, kjv, austen) or a path")
         self.sources = [str(source) for source in sources]
         self.text_field = text_field
+        self.domain_field = domain_field
         self._readers = []
         for source in self.sources:
             if source in named.NAMED_CORPORA:
+                if domain_field is not None:
+                    raise CorpusFormatError(f"named corpus {source!r} has no domain field {domain_field!r}")
                 self._readers.append(named.NAMED_CORPORA[source].reader(cache_dir))
                 continue
             path = Path(source).expanduser()
+            if not path.exists() and _GLOB_CHARACTERS & set(source):
+                files = _glob_files(source)
+                if not files:
+                    raise CorpusNotFoundError(f"corpus source {source!r}: the pattern matches no file")
+                self._readers.append(self._files_reader(files))
+                continue
             if not path.exists():
                 raise CorpusNotFoundError(
                     f"corpus source {source!r}: no such file or folder, and not a named corpus "
@@ -212,8 +413,11 @@ class Corpus:
             files = _folder_files(path)
             if not files:
                 raise EmptyCorpusError(f"folder {path} holds no {' or '.join(CORPUS_SUFFIXES)} file")
-            return lambda: (doc for file in files for doc in _read_file(file, self.text_field))
-        return lambda: _read_file(path, self.text_field)
+            return self._files_reader(files)
+        return self._files_reader([path])
+
+    def _files_reader(self, files: list[Path]):
+        return lambda: (doc for file in files for doc in _read_file(file, self.text_field, self.domain_field))
 
     @property
     def name(self) -> str:

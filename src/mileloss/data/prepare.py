@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mileloss.data.corpora import Corpus
+from mileloss.data.mixture import Mixture, count_domain_tokens, load_mix, plan_sampling
 from mileloss.data.outdir import (
     OutputLock,
     check_out,
@@ -39,13 +40,14 @@ from mileloss.data.shards import (
 )
 from mileloss.data.tokenizer import (
     NUM_BYTES,
+    encode_batch,
     load_tokenizer,
     save_tokenizer,
     tokenizer_vocab_size,
     train_tokenizer,
 )
 from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS, write_shards
-from mileloss.errors import ConfigError, TokenizerError
+from mileloss.errors import ConfigError, MixtureError, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ def prepare_corpus(
     vocab_size: int = 8192,
     tokenizer: str | os.PathLike | None = None,
     text_field: str = "text",
+    domain_field: str | None = None,
+    mix: str | os.PathLike | Mixture | None = None,
+    max_epochs: float = 1.0,
     val_fraction: float = 0.05,
     seed: int = 0,
     max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
@@ -68,12 +73,17 @@ def prepare_corpus(
     """Build a data directory (see ``mileloss.data.shards``) from a corpus.
 
     Args:
-        sources: named corpora (``shakespeare``, ``kjv``, ``austen``) and/or ``.txt``/``.jsonl``
-            files and folders.
+        sources: named corpora (``shakespeare``, ``kjv``, ``austen``) and/or files (``.txt``, ``.jsonl``,
+            ``.jsonl.gz``, ``.jsonl.zst``, ``.parquet``), folders and globs (``mileloss.data.corpora``).
         out_dir: the data directory to write.
         vocab_size: vocabulary of the byte-level BPE trained on the corpus (ignored with ``tokenizer``).
         tokenizer: an existing Hugging Face tokenizer folder to use (and copy) instead of training one.
-        text_field: the text field of ``.jsonl`` records.
+        text_field: the text field (dotted path) of JSONL records and parquet rows.
+        domain_field: the domain field (dotted path, e.g. ``meta.pile_set_name``): the manifest then records
+            documents and tokens per domain and split (``domains``). Default: the mix preset's field, if any.
+        mix: a preset name (``pile``), a YAML/JSON file of domain -> weight, or a ``Mixture``: documents are
+            sampled so that domain token shares follow the weights (``mileloss.data.mixture``).
+        max_epochs: the most times a mix may repeat a domain (1: down-sample only).
         val_fraction: share of documents held out for validation.
         seed: seeds the train/val assignment (recorded in the manifest).
         max_shard_tokens: the most tokens in one shard file.
@@ -89,6 +99,8 @@ def prepare_corpus(
         OutputFolderError: ``out_dir`` is unusable: a file, not ours, ours without ``overwrite``, the
             current folder, unwritable.
         FolderBusyError: another ``mileloss data`` is writing ``out_dir``.
+        MixtureError: an unusable ``mix`` or ``max_epochs``, or a mix without a domain field.
+        DomainMismatchError: the corpus holds a domain the mix does not name.
         CorpusNotFoundError, EmptyCorpusError, CorpusFormatError, CorpusFetchError, TokenizerError.
     """
     started = time.perf_counter()
@@ -98,17 +110,24 @@ def prepare_corpus(
         raise ConfigError(f"--max-shard-tokens must be >= 1, got {max_shard_tokens}")
     if tokenizer is None and vocab_size < NUM_BYTES + 1:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: byte-level BPE needs >= {NUM_BYTES + 1}")
+    if mix is not None:
+        mix = mix if isinstance(mix, Mixture) else load_mix(mix)
+        domain_field = domain_field or mix.domain_field
+        if domain_field is None:
+            raise MixtureError("--mix needs --domain-field: the record field that names each document's domain")
+        if not (max_epochs > 0 and max_epochs < float("inf")):
+            raise MixtureError(f"--max-epochs must be a positive number, got {max_epochs}")
     out_dir = resolve_out(out_dir)
     with OutputLock(out_dir):
         clean_leftovers(out_dir)
         check_out(out_dir, overwrite)  # refuse now, not after an hour of tokenizing
-        corpus = Corpus(sources, text_field=text_field, cache_dir=cache_dir)
+        corpus = Corpus(sources, text_field=text_field, domain_field=domain_field, cache_dir=cache_dir)
         corpus.check_not_empty()
         staging = make_staging(out_dir)
         try:
             _build(corpus, staging, vocab_size=vocab_size, tokenizer=tokenizer, text_field=text_field,
                    val_fraction=val_fraction, seed=seed, max_shard_tokens=max_shard_tokens, dtype=dtype,
-                   progress=progress, started=started)
+                   progress=progress, started=started, mix=mix, max_epochs=max_epochs)
             publish(staging, out_dir, overwrite)
         except BaseException:
             discard_staging(staging)
@@ -118,7 +137,7 @@ def prepare_corpus(
 
 
 def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, val_fraction, seed,
-           max_shard_tokens, dtype, progress, started) -> None:
+           max_shard_tokens, dtype, progress, started, mix=None, max_epochs=1.0) -> None:
     """Tokenizer, shards, token counts and manifest, all inside ``staging``."""
     if tokenizer is None:
         logger.info("training a byte-level BPE tokenizer (vocab_size %d)", vocab_size)
@@ -129,6 +148,15 @@ def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, 
     save_tokenizer(hf_tokenizer, staging / TOKENIZER_DIR)
     actual_vocab = tokenizer_vocab_size(hf_tokenizer)
     shard_dtype = np.dtype(dtype).newbyteorder("<") if dtype is not None else dtype_for_vocab(actual_vocab)
+    extra = {}
+    select = None
+    if mix is not None:
+        logger.info("counting tokens per domain for the mix")
+        source_tokens = count_domain_tokens(corpus.documents(), lambda texts: encode_batch(hf_tokenizer, texts))
+        plan = plan_sampling(mix, source_tokens, seed=seed, max_epochs=max_epochs)
+        extra["mix"] = plan.to_json(mix, corpus.domain_field)
+        select = lambda index, document: plan.copies(index, document.domain)
+    domain_counts: dict = {}
     splits = write_shards(
         corpus.documents(),
         hf_tokenizer,
@@ -140,8 +168,16 @@ def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, 
         max_shard_tokens=max_shard_tokens,
         dtype=shard_dtype,
         progress=progress,
+        select=select,
+        domain_counts=domain_counts,
+        stratify=corpus.domain_field is not None,
     )
+    if corpus.domain_field is not None:
+        extra["domain_field"] = corpus.domain_field
+        extra["domains"] = {split: dict(sorted(counts.items())) for split, counts in domain_counts.items()}
     split_by = "token_position" if splits["val"].num_documents == 0 and splits["val"].num_tokens else "document"
+    if split_by == "document" and corpus.domain_field is not None:
+        split_by = "document_stratified_by_domain"
     tokenizer_files = sorted(
         path.relative_to(staging).as_posix() for path in (staging / TOKENIZER_DIR).rglob("*") if path.is_file()
     )
@@ -156,7 +192,7 @@ def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, 
         splits=splits,
         tokenizer=TOKENIZER_DIR,
         token_counts_file=TOKEN_COUNTS_FILE,
-        extra={"val_fraction": val_fraction, "split_by": split_by, "text_field": text_field},
+        extra={"val_fraction": val_fraction, "split_by": split_by, "text_field": text_field, **extra},
         files=[describe_file(staging, name) for name in [TOKEN_COUNTS_FILE, *tokenizer_files]],
     )
     manifest.save()

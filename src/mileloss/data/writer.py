@@ -9,6 +9,12 @@ Train/val split, by document: document i goes to val when ``u(seed, i) < val_fra
 assignment depends on nothing but (seed, index, val_fraction). With ``val_fraction > 0`` and two or
 more documents, the last document is moved to whichever split would otherwise be empty. A corpus of
 a single document is split by token position instead: its last ``val_fraction`` of tokens become val.
+
+Split stratified by domain (``stratify=True``, used whenever documents carry a domain): the k-th written
+document of domain d (k = 0, 1, ...) goes to val when ``floor((k + 1) f + o_d) > floor(k f + o_d)``, with
+``f = val_fraction`` and ``o_d`` a seeded hash of the domain in [0, 1): a systematic sample that sends
+``f`` of every domain's documents to val (to within one document), so val keeps the per-domain shares of
+train (up to document-length noise) and every domain with ``1 / f`` documents or more appears in val.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +54,13 @@ def document_split(seed: int, index: int, val_fraction: float) -> str:
     """``"val"`` or ``"train"`` for document ``index``: a seeded hash, uniform in [0, 1), against the fraction."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8, key=b"mileloss-split").digest()
     return "val" if int.from_bytes(digest, "little") / 2**64 < val_fraction else "train"
+
+
+def stratified_split(seed: int, domain: str | None, k: int, val_fraction: float) -> str:
+    """``"val"`` or ``"train"`` for the ``k``-th document of ``domain`` (see the module docstring)."""
+    digest = hashlib.blake2b(f"{seed}:{domain}".encode(), digest_size=8, key=b"mileloss-strata").digest()
+    offset = int.from_bytes(digest, "little") / 2**64
+    return "val" if math.floor((k + 1) * val_fraction + offset) > math.floor(k * val_fraction + offset) else "train"
 
 
 class _ShardWriter:
@@ -112,14 +126,21 @@ class _ShardWriter:
             del tokens
 
 
-def _with_last_flag(documents: Iterable[Document]) -> Iterator[tuple[int, Document, bool]]:
-    iterator = iter(documents)
+def _with_last_flag(items: Iterable) -> Iterator[tuple[object, bool]]:
+    iterator = iter(items)
     current = next(iterator, None)
-    index = 0
     while current is not None:
         following = next(iterator, None)
-        yield index, current, following is None
-        current, index = following, index + 1
+        yield current, following is None
+        current = following
+
+
+def _selected(documents: Iterable[Document], select) -> Iterator[tuple[int, Document, int]]:
+    """(index in the corpus, document, copies) for each document written at least once."""
+    for index, document in enumerate(documents):
+        copies = 1 if select is None else select(index, document)
+        if copies > 0:
+            yield index, document, copies
 
 
 def _with_last_flag_pieces(document: Document) -> Iterator[tuple[str, bool]]:
@@ -144,6 +165,9 @@ def write_shards(
     max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
     dtype: str | np.dtype | None = None,
     progress: bool = True,
+    select: Callable[[int, Document], int] | None = None,
+    domain_counts: dict | None = None,
+    stratify: bool = False,
 ) -> dict[str, SplitInfo]:
     """Tokenize ``documents`` into ``out_dir/{train,val}_NNNNN.bin`` and ``train_token_counts.npy``.
 
@@ -156,6 +180,12 @@ def write_shards(
         val_fraction: share of documents (or, for a single document, of tokens) that go to val.
         max_shard_tokens: the most tokens per shard file.
         dtype: force ``"uint16"`` or ``"uint32"`` (default: from ``vocab_size``).
+        select: ``select(index, document)`` -> how many times to write the document (0: leave it out); the
+            split is chosen from the corpus ``index`` first, so all copies land in the same split (see
+            ``mileloss.data.mixture``). ``None``: every document once.
+        domain_counts: a dict to fill with ``{split: {domain: {"documents": n, "tokens": t}}}``: documents
+            (copies counted) and tokens (end-of-document tokens included) of each ``Document.domain``.
+        stratify: split by domain strata (``stratified_split``) instead of ``document_split``.
 
     Returns:
         ``{"train": SplitInfo, "val": SplitInfo}`` with shard names, token counts and sha256.
@@ -174,45 +204,62 @@ def write_shards(
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
     writers = {split: _ShardWriter(out_dir, split, dtype, max_shard_tokens) for split in SPLITS}
     eos = np.array([eos_token_id], dtype=np.int64)
-    pending: list[tuple[str, str, bool]] = []  # (split, text piece, piece ends its document)
+    pending: list[tuple[str, str, bool, str | None]] = []  # (split, text piece, ends its document, domain)
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
+    counts = {split: {} for split in SPLITS}
 
     def flush() -> None:
-        encoded = encode_batch(tokenizer, [piece for _, piece, _ in pending])
-        for (split, _, ends_document), ids in zip(pending, encoded, strict=True):
+        encoded = encode_batch(tokenizer, [piece for _, piece, _, _ in pending])
+        for (split, _, ends_document, domain), ids in zip(pending, encoded, strict=True):
             if len(ids) and (ids.max() >= vocab_size or ids.min() < 0):
                 raise TokenizerError(f"tokenizer produced id {int(ids.max())}, outside vocab_size {vocab_size}")
             writers[split].write(ids)
+            entry = counts[split].setdefault(domain, {"documents": 0, "tokens": 0})
+            entry["tokens"] += len(ids)
             if ends_document:
                 writers[split].write(eos)
+                entry["tokens"] += 1
+                entry["documents"] += 1
                 bar.update(1)
         pending.clear()
 
     num_documents = pending_chars = 0
-    for index, document, is_last in _with_last_flag(documents):
-        split = document_split(seed, index, val_fraction)
-        if is_last and index == 0:
+    seen: dict[str | None, int] = {}  # written documents per domain, for the stratified split
+    for (index, document, copies), is_last in _with_last_flag(_selected(documents, select)):
+        if stratify:
+            k = seen[document.domain] = seen.get(document.domain, -1) + 1
+            split = stratified_split(seed, document.domain, k, val_fraction)
+        else:
+            split = document_split(seed, index, val_fraction)
+        if is_last and num_documents == 0 and copies == 1:
             split = "train"  # a lone document is split by token position below
         elif is_last and val_fraction > 0:
             for needed in SPLITS:  # give both splits a document (counts include pending ones)
                 if writers[needed].num_documents == 0:
                     split = needed
-        writers[split].num_documents += 1
-        num_documents += 1
-        for piece, ends_document in _with_last_flag_pieces(document):
-            pending.append((split, piece, ends_document))
-            pending_chars += len(piece)
-            if pending_chars >= BATCH_CHARS:
-                flush()
-                pending_chars = 0
+        writers[split].num_documents += copies
+        num_documents += copies
+        for _ in range(copies):
+            for piece, ends_document in _with_last_flag_pieces(document):
+                pending.append((split, piece, ends_document, document.domain))
+                pending_chars += len(piece)
+                if pending_chars >= BATCH_CHARS:
+                    flush()
+                    pending_chars = 0
     flush()
     bar.close()
     for writer in writers.values():
         writer.close()
     if num_documents == 0:
-        raise EmptyCorpusError("the corpus holds no document")
+        raise EmptyCorpusError("the corpus holds no document" + (" the mix selects" if select else ""))
     if num_documents == 1 and val_fraction > 0:
         _split_single_document(writers["train"], writers["val"], val_fraction)
+        (domain, entry), = counts["train"].items()
+        moved = writers["val"].num_tokens
+        entry["tokens"] -= moved
+        counts["val"][domain] = {"documents": 0, "tokens": moved}
+    if domain_counts is not None:
+        domain_counts.update(counts)
     return _finalize(writers, out_dir, vocab_size, dtype)
 
 
