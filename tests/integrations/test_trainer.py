@@ -35,17 +35,19 @@ def dataset() -> list[dict[str, torch.Tensor]]:
     return rows
 
 
-def train(tmp_path, trainer_class, loss, accumulation, max_grad_norm=0.0, steps=2):
+def train(tmp_path, trainer_class, loss, accumulation, max_grad_norm=0.0, steps=2, per_device=None, ddp=False):
     """Two SGD steps on 4 rows each (k micro-batches of 4 / k); returns (final parameters, logged losses).
     SGD, not Adam: Adam would hide a wrong gradient scale. With clipping the update's norm is lr * max_grad_norm,
     so lr is larger there to keep the update well above the float32 rounding of the parameters."""
     model = apply_mileloss(tiny_llama(), loss=loss, gamma=1.5, sigma=0.5)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / f"{trainer_class.__name__}-{loss}-{accumulation}"), use_cpu=True,
-        per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation, max_steps=steps,
+        per_device_train_batch_size=per_device or 4 // accumulation, gradient_accumulation_steps=accumulation,
+        max_steps=steps,
         learning_rate=0.05 if max_grad_norm == 0 else 1.0, optim="sgd", lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=max_grad_norm,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=7, dataloader_num_workers=0,
+        **({"ddp_backend": "gloo"} if ddp else {}),
     )
     trainer = trainer_class(model=model, args=args, train_dataset=dataset())
     trainer.train()
@@ -101,3 +103,41 @@ def test_mile_trainer_refuses_an_unpatched_model_and_a_compute_loss_func(tmp_pat
     with pytest.raises(TrainerSetupError, match="compute_loss_func"):
         MiLeTrainer(model=apply_mileloss(tiny_llama()), args=args, train_dataset=dataset(),
                     compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, loss: str, accumulation: int) -> None:
+    """One process of a 2-process gloo run: per-device batch 4 / (world * k), k micro-batches per step."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    params, losses = train(Path(out_dir), MiLeTrainer, loss, accumulation, per_device=4 // (world * accumulation),
+                           ddp=True)
+    import torch.distributed as dist
+
+    assert dist.is_initialized() and dist.get_world_size() == world  # the Trainer did run data-parallel
+    if rank == 0:
+        torch.save((params, losses), Path(out_dir) / f"ddp-{loss}-{accumulation}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_mile_trainer_on_two_gloo_processes_equals_one_process(tmp_path, initial, accumulation):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), "mile", accumulation), nprocs=2, join=True)
+    params, losses = torch.load(tmp_path / f"ddp-mile-{accumulation}.pt")
+    one, one_losses = train(tmp_path, MiLeTrainer, "mile", 1)
+    assert deviation(params, one, initial) < 1e-5
+    for name in one:
+        torch.testing.assert_close(params[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert losses == pytest.approx(one_losses, rel=1e-5)
