@@ -170,3 +170,35 @@ def test_manifest_counts_tokens_per_domain_and_split_exactly(tmp_path):
         "Books": 3, "Code": 3, "Wiki": 3  # 15 documents each, val_fraction 0.2: exactly 3 of every domain
     }
     assert np.load(tmp_path / "out" / manifest.token_counts_file).sum() == manifest.num_tokens("train")
+
+
+def test_a_datasets_source_streams_a_local_dataset_folder_with_domains(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    records = make_records(30)
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    write_format(folder, records, "parquet").rename(folder / "train-00000.parquet")
+    source = f"hf:{folder}@train"
+    documents = list(Corpus([source], domain_field="meta.pile_set_name").documents())
+    assert [(d.text, d.domain) for d in documents] == [(r["text"], r["meta"]["pile_set_name"]) for r in records]
+    assert documents[3].name == f"{source}:row 3"
+    plain = tmp_path / "plain.jsonl"
+    write_format(tmp_path, records, "jsonl").rename(plain)
+    reference = prepare_corpus([plain], tmp_path / "out_jsonl", vocab_size=300, progress=False)
+    manifest = prepare_corpus([source], tmp_path / "out_hf", tokenizer=reference.tokenizer_dir, progress=False)
+    assert manifest.to_json()["splits"] == reference.to_json()["splits"]  # same tokens, same shards
+
+
+def test_hf_source_syntax_and_unloadable_sources(tmp_path, monkeypatch):
+    from mileloss.data.corpora import parse_hf_source
+
+    assert parse_hf_source("hf:EleutherAI/pile") == ("EleutherAI/pile", None, "train")
+    expected = ("wikitext", "wikitext-2-raw-v1", "validation")
+    assert parse_hf_source("hf:wikitext:wikitext-2-raw-v1@validation") == expected
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CorpusNotFoundError, match="datasets cannot load it"):
+        Corpus([f"hf:{tmp_path / 'no-such-folder'}"])

@@ -10,7 +10,12 @@ A corpus is a list of *sources*, read in the order given:
   (pyarrow; memory bounded by one row group's column chunk, which the file's writer chose);
 * any other file: one document, read as UTF-8 (``.txt`` and friends);
 * a folder: every file with a suffix of ``CORPUS_SUFFIXES`` below it, recursively, in sorted path order;
-* a glob (``data/*.jsonl.zst``, ``pile/**/*.parquet``): the matching files in sorted order.
+* a glob (``data/*.jsonl.zst``, ``pile/**/*.parquet``): the matching files in sorted order;
+* ``hf:NAME[:CONFIG][@SPLIT]``: a Hugging Face ``datasets`` source, ``load_dataset(NAME, CONFIG,
+  split=SPLIT or "train", streaming=True)``, one document per row in the dataset's order. ``NAME`` is a hub
+  id (when the hub is reachable) or a local folder of data files (``hf:/data/pile_subset``); every pass
+  over the corpus (tokenizer training, the mix's counting pass, writing) streams it again. Needs the
+  ``datasets`` package; remote code is never run (``trust_remote_code`` is not set).
 
 ``text_field`` and ``domain_field`` may be dotted paths into nested records (``meta.pile_set_name``); a key
 that itself holds a dot is found first. With a ``domain_field`` every record must carry a string there;
@@ -52,6 +57,7 @@ CORPUS_SUFFIXES = (".txt", *JSONL_SUFFIXES, *PARQUET_SUFFIXES)  # what a folder 
 ZSTD_READ_BYTES = 2**16  # compressed bytes fed to the zstd decoder at once
 PARQUET_BATCH_ROWS = 1024
 _GLOB_CHARACTERS = frozenset("*?[")
+HF_PREFIX = "hf:"
 _SPACE_AFTER_WORD = re.compile(r"\S(?=\s)")
 
 
@@ -336,6 +342,45 @@ def _read_file(path: Path, text_field: str, domain_field: str | None = None) -> 
         yield from _read_text_file(path)
 
 
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
+    """``hf:NAME[:CONFIG][@SPLIT]`` -> (name, config or None, split, default ``train``)."""
+    spec = source[len(HF_PREFIX) :]
+    spec, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "train")
+    name, _, config = spec.partition(":")
+    if not name or not split:
+        raise CorpusNotFoundError(f"corpus source {source!r}: expected hf:NAME[:CONFIG][@SPLIT]")
+    return name, config or None, split
+
+
+def _hf_reader(source: str, text_field: str, domain_field: str | None):
+    """Rows of a streamed ``datasets`` source as documents named ``hf:NAME:row N``."""
+    name, config, split = parse_hf_source(source)
+    datasets = _import("datasets", "datasets", source)
+
+    def load():
+        try:
+            return datasets.load_dataset(name, config, split=split, streaming=True)
+        except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+            raise CorpusNotFoundError(f"corpus source {source!r}: datasets cannot load it ({error})") from error
+
+    load()  # fail now (unknown name, no network), not after the tokenizer is trained
+
+    def documents():
+        row = 0
+        rows = iter(load())
+        while True:
+            try:
+                record = next(rows)
+            except StopIteration:
+                return
+            except Exception as error:  # a damaged file below the dataset, in whatever reader datasets chose
+                raise CorpusFormatError(f"{source}: cannot read row {row} ({type(error).__name__}: {error})") from error
+            yield _record_document(record, f"{source}:row {row}", text_field, domain_field)
+            row += 1
+
+    return documents
+
+
 def _folder_files(folder: Path) -> list[Path]:
     """``.txt``/``.jsonl`` files below ``folder``, sorted by relative path; hidden files and folders skipped."""
     files = []
@@ -389,6 +434,9 @@ class Corpus:
         self.domain_field = domain_field
         self._readers = []
         for source in self.sources:
+            if source.startswith(HF_PREFIX):
+                self._readers.append(_hf_reader(source, text_field, domain_field))
+                continue
             if source in named.NAMED_CORPORA:
                 if domain_field is not None:
                     raise CorpusFormatError(f"named corpus {source!r} has no domain field {domain_field!r}")
