@@ -221,6 +221,12 @@ def test_read_blocks_checks_the_recorded_sha256_and_the_arrays(tmp_path):
         np.savez(tmp_path / "broken.npz", **broken)
         with pytest.raises(BlocksFileError, match=message):
             read_blocks(tmp_path / "broken.npz")
+    import mileloss.eval.perplexity as perplexity
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perplexity, "MAX_BLOCKS_BYTES", 1000)
+        with pytest.raises(BlocksFileError, match=r"blocks.npz: unpacks to \d+ bytes, more than .* \(1000\)"):
+            read_blocks(path)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(BlocksFileError, match="not a readable blocks file"):
         read_blocks(tmp_path / "junk.npz")

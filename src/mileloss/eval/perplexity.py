@@ -464,12 +464,14 @@ BLOCK_ARRAYS = {"format": ("i", 0), "start": ("i", 1), "length": ("i", 1), "targ
                 "ce_sum": ("f", 2), "count": ("i", 2), "bucket_names": ("U", 1), "cut_points": ("f", 1),
                 "seq_len": ("i", 0)}
 """Every array of ``blocks.npz``: (numpy dtype kind, number of dimensions)."""
+MAX_BLOCKS_BYTES = 1 << 30
+"""Largest uncompressed content of a ``blocks.npz`` read (a crafted archive cannot exhaust memory)."""
 
 
 def read_blocks(path: str | Path, sha256: str | None = None) -> BlockSums:
     """Read and check a ``blocks.npz``: loaded with ``allow_pickle=False``, every array of the expected kind and
-    shape, finite non-negative sums, consistent counts; and, when given, the file's sha256 (recorded in
-    ``perplexity.json``).
+    shape, finite non-negative sums, consistent counts, at most :data:`MAX_BLOCKS_BYTES` unpacked; and, when
+    given, the file's sha256 (recorded in ``perplexity.json``).
 
     Raises:
         BlocksFileError: naming the file and what is wrong with it.
@@ -482,10 +484,19 @@ def read_blocks(path: str | Path, sha256: str | None = None) -> BlockSums:
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise BlocksFileError(f"{path}: sha256 differs from the one recorded in perplexity.json (changed or damaged "
                               f"since `mileloss eval` wrote it); re-run `mileloss eval`")
+    unreadable = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as listing:
+            unpacked = sum(info.file_size for info in listing.infolist())
+    except unreadable as error:
+        raise BlocksFileError(f"{path}: not a readable blocks file ({type(error).__name__}: {error})") from error
+    if unpacked > MAX_BLOCKS_BYTES:
+        raise BlocksFileError(f"{path}: unpacks to {unpacked} bytes, more than a blocks file holds "
+                              f"({MAX_BLOCKS_BYTES})")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+    except unreadable as error:
         raise BlocksFileError(f"{path}: not a readable blocks file ({type(error).__name__}: {error})") from error
     for name, (kind, ndim) in BLOCK_ARRAYS.items():
         if name not in arrays:
