@@ -146,7 +146,7 @@ def test_cli_mix_pile_on_a_miniature_pile_warns_about_absent_domains_and_records
     manifest = load_manifest(out)
     assert manifest.extra["domain_field"] == "meta.pile_set_name"
     assert len(manifest.extra["mix"]["missing_domains"]) == 19 and "preset pile" in manifest.extra["mix"]["source"]
-    assert "train domains" in capsys.readouterr().out and "absent from the corpus" in caplog.text
+    assert "domains     train: " in capsys.readouterr().out and "absent from the corpus" in caplog.text
 
 
 def test_cli_domain_outside_the_mix_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):

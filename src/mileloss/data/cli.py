@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         shares = ", ".join(
             f"{name} {entry['tokens'] / max(1, manifest.num_tokens(split)):.1%}" for name, entry in domains.items()
         )
-        print(f"{split + ' domains':<11} {shares}")
+        print(f"{'domains':<11} {split}: {shares}")
     print(f"vocabulary  {manifest.vocab_size} (eos id {manifest.eos_token_id}), tokenizer in {manifest.tokenizer_dir}")
     print(f"time        {seconds:.1f} s")
     return 0
