@@ -281,3 +281,56 @@ def test_bool_and_float_targets_are_refused_by_name():
     for bad in (targets.bool(), targets.float()):
         with pytest.raises(DTypeError, match="targets must be an integer tensor"):
             mileloss.mile_loss(logits, bad)
+
+
+# --- issue 12's options under hostile input --------------------------------------------------------------------
+
+
+def test_token_weights_as_numpy_or_bool_are_named():
+    logits, targets = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    with pytest.raises(NotATensorError, match="torch.from_numpy"):
+        mileloss.mile_loss(logits, targets, token_weights=np.ones(5))
+    with pytest.raises(DTypeError, match="token_weights"):
+        mileloss.mile_loss(logits, targets, token_weights=torch.ones(5, dtype=torch.bool))
+
+
+def test_huge_token_weights_keep_a_finite_mean():
+    # log-space: t = 1e300 (beyond float32) is only an offset of the log-weights
+    logits = torch.randn(9, 13)
+    targets = torch.randint(0, 13, (9,))
+    t = torch.full((9,), 1e300, dtype=torch.float64)
+    t[0] = 1e-300
+    for weighting in ("ce", "focal", "mile"):
+        ours, grad = loss_and_grad(lambda z, w=weighting: mileloss.token_weighted_loss(
+            z, targets, weighting=w, token_weights=t), logits)
+        want, want_grad = loss_and_grad(lambda z, w=weighting: reference.loss(
+            z, targets, w, token_weights=t), logits.double())
+        assert torch.isfinite(ours) and torch.isfinite(grad).all()
+        assert_close(ours, want, torch.float32)
+        assert_close(grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_all_zero_token_weights_give_zero_loss_and_gradient(z_loss):
+    logits, targets = torch.randn(6, 8), torch.randint(0, 8, (6,))
+    for reduction in ("mean", "sum"):
+        loss, grad = loss_and_grad(lambda z, r=reduction: mileloss.mile_loss(
+            z, targets, token_weights=torch.zeros(6), z_loss=z_loss, reduction=r), logits)
+        assert float(loss) == 0.0 and not grad.any()
+
+
+def test_label_smoothing_with_masked_logits_matches_f_cross_entropy():
+    logits = torch.randn(6, 10)
+    logits[:, 7:] = -INF  # a masked vocabulary: the uniform term is infinite, as in F.cross_entropy
+    targets = torch.randint(0, 7, (6,))
+    ours = mileloss.cross_entropy_loss(logits, targets, label_smoothing=0.1, reduction="none")
+    want = F.cross_entropy(logits, targets, label_smoothing=0.1, reduction="none")
+    assert torch.equal(torch.isinf(ours), torch.isinf(want))
+    assert_close(mileloss.cross_entropy_loss(logits, targets, label_smoothing=0.0),
+                 F.cross_entropy(logits, targets), torch.float32)
+
+
+def test_softcap_of_a_nan_logit_stays_nan():
+    logits = torch.randn(4, 6)
+    logits[2, 3] = float("nan")
+    assert torch.isnan(mileloss.mile_loss(logits, torch.randint(0, 6, (4,)), softcap=5.0))

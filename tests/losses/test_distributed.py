@@ -27,6 +27,15 @@ def full_batch(gamma=1.0):
     return hidden, weight, targets
 
 
+OPTIONS = dict(softcap=3.0, label_smoothing=0.1, z_loss=0.02)
+
+
+def option_weights():  # noqa: N802  (a constant, built on the default device when called)
+    t = torch.linspace(0.0, 2.0, N, dtype=torch.float64)
+    t[N // 2 + 1] = 0.0
+    return t
+
+
 GAMMAS = {"weighted": 1.0, "accumulated": 1.0, "weighted_gamma40": 40.0, "accumulated_gamma40": 40.0}
 
 
@@ -68,6 +77,18 @@ def _worker(rank, init_file, out_dir):
                                                w2.grad / WORLD)
 
         hidden, weight, targets = full_batch()
+        # 4. issue 12's options under a process group: softcap, smoothing, token weights, z-loss (global mean)
+        for normalize in ("weighted", "none"):
+            h = hidden[rows].clone().requires_grad_()
+            w = weight.clone().requires_grad_()
+            loss = mileloss.linear_mile_loss(h, w, targets[rows], process_group=group, normalize=normalize,
+                                             token_weights=option_weights()[rows], **OPTIONS)
+            loss.backward()
+            losses = loss.detach().clone()
+            dist.all_reduce(losses)
+            dist.all_reduce(w.grad)
+            results["options_" + normalize] = (losses / WORLD, h.grad / WORLD, w.grad / WORLD)
+
         # 3. paper mode: per-rank alphas averaged across ranks, as the official code does
         logits = (hidden[rows] @ weight.T).requires_grad_()
         paper = mileloss.mile_loss(logits, targets[rows], normalize="paper", process_group=group)
@@ -117,3 +138,18 @@ def test_paper_mode_averages_the_ranks_alphas(rank_results):
     for rank, s in enumerate(halves):
         expected = reference.official(logits[s], targets[s], alpha_override=alpha).mean()
         assert_close(rank_results[rank]["paper"][0], expected, what=f"paper loss rank {rank}", rtol=1e-9)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("normalize", ["weighted", "none"])
+def test_two_ranks_with_all_options_equal_one_process(rank_results, normalize):
+    hidden, weight, targets = full_batch()
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = reference.loss(h @ w.T, targets, "mile", normalize=normalize, token_weights=option_weights(), **OPTIONS)
+    loss.backward()
+    case = "options_" + normalize
+    assert_close(rank_results[0][case][0], loss, what="loss")
+    assert_close(torch.cat([r[case][1] for r in rank_results]), h.grad, what="grad hidden")
+    for r in rank_results:
+        assert_close(r[case][2], w.grad, what="grad weight")

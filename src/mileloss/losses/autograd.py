@@ -121,7 +121,7 @@ def _forward(spec: LossSpec, targets: torch.Tensor, tensors, needs: tuple[bool, 
     stats = {key: torch.zeros(n, dtype=dtype, device=targets.device) for key in keys}
     if single_pass:
         head.allocate_grads(needs)
-    log_t = None if token_weights is None else token_weights.to(dtype).log()  # log 0 = -inf: excluded
+    log_t = None if token_weights is None else token_weights.double().log().to(dtype)  # log 0 = -inf: excluded
     running = run_chunks(head, targets, spec, coefs="weight" if single_pass else None, stats_out=stats,
                          log_token_weights=log_t)
     valid = targets != spec.ignore_index
@@ -236,7 +236,7 @@ def _recompute_backward(ctx, grad_loss):
     if ctx.z_scale is not None:
         coef_z = (grad_loss.detach().to(torch.float64) * ctx.z_scale
                   * token_mass(targets, spec, ctx.token_weights)).to(dtype)
-    log_t = None if ctx.token_weights is None else ctx.token_weights.to(dtype).log()
+    log_t = None if ctx.token_weights is None else ctx.token_weights.double().log().to(dtype)
     head = _make_head(tensors)
     head.allocate_grads(tuple(ctx.needs_input_grad[3:]))
     run_chunks(head, targets, spec, coefs=(coef_ce, coef_logw, coef_z), log_token_weights=log_t)

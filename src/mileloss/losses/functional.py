@@ -68,7 +68,7 @@ from mileloss.errors import (
     TokenWeightError,
 )
 from mileloss.losses.autograd import TokenStats, TokenWeightedLossFunction, _forward, token_mass
-from mileloss.losses.chunked import LossSpec, compute_dtype
+from mileloss.losses.chunked import LossSpec
 from mileloss.losses.weights import WEIGHTINGS, log_weight_shift
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -196,8 +196,8 @@ def _check_devices(**tensors) -> None:
         raise DeviceError(f"tensors are on different devices: {devices}")
 
 
-def _check_token_weights(token_weights, targets: torch.Tensor, device: torch.device, dtype: torch.dtype):
-    """The caller's per-token weights as a detached (N,) tensor of the compute dtype, or None.
+def _check_token_weights(token_weights, targets: torch.Tensor, device: torch.device):
+    """The caller's per-token weights as a detached (N,) float64 tensor, or None.
 
     A floating tensor shaped like ``targets`` (or flat, (N,)), on the inputs' device, every value finite and
     >= 0 (one host synchronisation); no gradient flows to it."""
@@ -217,7 +217,7 @@ def _check_token_weights(token_weights, targets: torch.Tensor, device: torch.dev
     if bool(bad.any()):
         value = float(flat[bad][0])
         raise TokenWeightError(f"token_weights must be finite and >= 0 (0 excludes a token), got {value}")
-    return flat.to(compute_dtype(dtype))
+    return flat.to(torch.float64)  # float64 until its log is taken: t = 1e300 is a usable weight
 
 
 def _finish(outputs, targets: torch.Tensor, spec: LossSpec, vocab: int, token_weights=None):
@@ -328,7 +328,7 @@ def token_weighted_loss(
     if vocab == 0:
         raise ShapeError(f"logits have an empty class dimension: shape {tuple(logits.shape)}")
     flat = _check_targets(targets, tuple(logits.shape[:-1]), vocab, spec.ignore_index, "logits")
-    weights = _check_token_weights(token_weights, targets, logits.device, logits.dtype)
+    weights = _check_token_weights(token_weights, targets, logits.device)
     outputs = _apply(spec, flat, weights, logits.reshape(-1, vocab))
     return _finish(outputs, flat.view(targets.shape), spec, vocab, weights)
 
@@ -389,7 +389,7 @@ def linear_token_weighted_loss(
     if vocab == 0:
         raise ShapeError(f"weight has an empty vocabulary dimension: shape {tuple(weight.shape)}")
     flat = _check_targets(targets, tuple(hidden.shape[:-1]), vocab, spec.ignore_index, "hidden")
-    weights = _check_token_weights(token_weights, targets, hidden.device, hidden.dtype)
+    weights = _check_token_weights(token_weights, targets, hidden.device)
     outputs = _apply(spec, flat, weights, hidden.reshape(-1, hidden.shape[-1]), weight, bias)
     return _finish(outputs, flat.view(targets.shape), spec, vocab, weights)
 
