@@ -407,8 +407,8 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
             coef_ce, coef_logw, coef_z = (None if c is None else c[start:stop] for c in coefs)
         out = head.gradient_buffer(e, start, stop)
         grad_z = chunk_logit_grad(z, e, out, stats, safe, coef_ce, coef_logw, spec, coef_z)
-        if cap_buf is not None:  # chain rule through s tanh(z / s): times 1 - tanh^2
-            grad_z.mul_(tanh.square_().neg_().add_(1.0))
+        if cap_buf is not None:  # chain rule through s tanh(z / s): g <- g - g tanh^2 (two passes)
+            grad_z.addcmul_(grad_z, tanh.square_(), value=-1.0)
         head.accumulate(grad_z, start, stop)
     return running if coefs == "weight" else None
 

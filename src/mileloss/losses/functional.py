@@ -14,6 +14,21 @@ positions, ignored ones included; the mean of the ranks' alphas under a process 
 The ``linear_*`` variants take the last hidden states and the LM-head weight and never materialise the
 (N, V) logits. The float64 oracle these are tested against is ``tests/reference.py``.
 
+Options that compose with every weighting, reduction, normalize mode, both paths and ``detach_weight=False``
+(the oracle states them in ``tests/reference.py``):
+
+* ``softcap=s``: z <- s tanh(z / s) before anything else (Gemma 2); CE, entropy, weights and lse read the
+  capped logits and the gradient goes through the tanh (a third (chunk, V) buffer, only when set).
+* ``label_smoothing=eps``: CE_i = (1 - eps) nll_i + eps (lse_i - mean_v z_iv), ``F.cross_entropy``'s
+  definition; the weight multiplies it; focal's p_y stays exp(-nll_i).
+* ``token_weights=t``: log t_i is added to log w_i, so t multiplies w in numerator and denominator
+  (sum t w CE / sum t w; ``normalize="none"`` divides by sum t); t_i = 0 excludes token i.
+* ``z_loss=c``: adds c * sum t lse^2 / sum t over valid tokens to a mean (global under a process group);
+  "sum"/"none" add c exp(-c_shift) t_i lse_i^2 per token, which ``WeightNormalizer`` then divides by the
+  step's weight sum together with the weighted CE (exact for CE and ``normalize="none"``; see
+  ``mileloss.losses.distributed``). A z-loss makes backward recompute the chunks (no single pass).
+With every option off the engine runs exactly the operations it ran before they existed.
+
 Non-finite logits. A -inf logit (a masked vocabulary entry, a -inf bias) has p = 0 and contributes 0 to
 the entropy and the softmax, as in ``F.cross_entropy``; a target whose logit is -inf has CE = +inf (the loss
 is +inf, its gradient finite). A row whose logits are all -inf has no distribution: NaN if its target is
