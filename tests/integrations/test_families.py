@@ -10,7 +10,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mileloss.errors import UnsupportedModelError
-from mileloss.integrations import FAMILIES, apply_mileloss, patch_causal_lm
+from mileloss.integrations import FAMILIES, apply_mileloss, patch_causal_lm, unpatch_causal_lm
 from mileloss.integrations.hf import shift_labels
 from tests.conftest import assert_close
 from tests.reference import token_weighted_loss_reference
@@ -39,6 +39,8 @@ FAMILY_NAMES = list(CONFIGS)
 
 def build(family: str, **overrides) -> torch.nn.Module:
     config_name, model_name, extra = CONFIGS[family]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
     config = getattr(transformers, config_name)(**{**SMALL, **extra, **overrides})
     torch.manual_seed(0)
     return getattr(transformers, model_name)(config).train()
@@ -98,24 +100,25 @@ def test_patched_loss_and_grads_equal_float64_reference_on_unpatched_logits(fami
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_patched_ce_equals_hf_own_loss_and_grads_with_num_items_in_batch(family):
+    """HF's convention: with num_items_in_batch = N the CE term is the CE sum / N, the mean times count / N (MoE:
+    plus coef * aux, unscaled). The unpatched forward of older transformers does not take num_items_in_batch, so
+    the expected value scales HF's own mean here."""
     model = build(family)
     input_ids, attention_mask, labels = batch()
     count = int((shift_labels(labels) != -100).sum())
-    for num_items in (None, torch.tensor(3 * count)):
-        extra = {} if num_items is None else {"num_items_in_batch": num_items}
-        model.zero_grad(set_to_none=True)
-        unpatch_loss = model(input_ids, attention_mask=attention_mask, labels=labels, **extra).loss
-        unpatch_loss.backward()
+    for factor, extra in ((1, {}), (3, {"num_items_in_batch": torch.tensor(3 * count)})):
+        unpatch_causal_lm(model).zero_grad(set_to_none=True)
+        outputs = model(input_ids, attention_mask=attention_mask, labels=labels)
+        aux = 0 if getattr(outputs, "aux_loss", None) is None else model.config.router_aux_loss_coef * outputs.aux_loss
+        expected = (outputs.loss - aux) / factor + aux
+        expected.backward()
         expected_grads = grads(model)
-        model.zero_grad(set_to_none=True)
-        patch_causal_lm(model, loss="ce")  # the old name is an alias
+        patch_causal_lm(model, loss="ce").zero_grad(set_to_none=True)  # the old name is an alias
         loss = model(input_ids, attention_mask=attention_mask, labels=labels, **extra).loss
         loss.backward()
-        assert_close(loss, unpatch_loss, torch.float32, what=f"{family} ce loss (num_items {num_items})")
+        assert_close(loss, expected, torch.float32, what=f"{family} ce loss, N = {factor} x count")
         for name, grad in grads(model).items():
             assert_close(grad, expected_grads[name], torch.float32, what=f"{family} ce grad {name}", atol=1e-5)
-        model.forward = model._mileloss_original_forward  # unpatched again for the next round
-        del model.forward, model._mileloss_original_forward, model._mileloss_options
 
 
 def test_num_items_in_batch_scales_mile_by_local_over_global_count_and_shift_labels_is_used_as_given():
@@ -181,6 +184,8 @@ def test_eval_mode_returns_logits_and_moe_outputs_keep_aux_loss_and_router_logit
 @pytest.mark.parametrize("config_name, model_name", [("Gemma2Config", "Gemma2ForCausalLM"),
                                                      ("Gemma3TextConfig", "Gemma3ForCausalLM")])
 def test_gemma_is_refused_naming_the_missing_softcap(config_name, model_name):
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
     config = getattr(transformers, config_name)(**SMALL, num_key_value_heads=2, head_dim=8)
     model = getattr(transformers, model_name)(config)
     with pytest.raises(UnsupportedModelError, match="softcap"):
@@ -214,3 +219,29 @@ def test_subclass_of_a_verified_family_is_accepted():
     input_ids, attention_mask, labels = batch()
     apply_mileloss(model, loss="ce")
     assert model(input_ids, attention_mask=attention_mask, labels=labels).loss.ndim == 0
+
+
+def test_under_bf16_autocast_the_head_runs_in_bf16_as_hf_would_and_fp32_weights_get_fp32_grads(monkeypatch):
+    import mileloss.integrations.hf as hf
+
+    seen = []
+    engine = hf.linear_token_weighted_loss
+
+    def recording(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return engine(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "linear_token_weighted_loss", recording)
+    model = build("Llama")
+    input_ids, attention_mask, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+        apply_mileloss(model, loss="ce")
+        loss = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert_close(loss, expected, torch.bfloat16, what="bf16 autocast ce")
+    assert model.lm_head.weight.grad.dtype == torch.float32
+    seen.clear()
+    model(input_ids, attention_mask=attention_mask, labels=labels)  # outside autocast: fp32 again
+    assert seen == [(torch.float32, torch.float32)]

@@ -10,6 +10,9 @@ import transformers
 from mileloss.errors import TrainerSetupError
 from mileloss.integrations import MiLeTrainer, apply_mileloss
 
+# MiLeTrainer overrides hooks of transformers 5.x's Trainer; older versions are refused (tested below)
+needs_hooks = pytest.mark.skipif(not hasattr(transformers.Trainer, "_get_grad_norm"),
+                                 reason=f"transformers {transformers.__version__}: Trainer has no _get_grad_norm")
 VOCAB = 53
 EXAMPLES, LENGTH = 8, 12
 
@@ -69,6 +72,7 @@ def initial():
     return {name: p.detach().clone() for name, p in tiny_llama().named_parameters()}
 
 
+@needs_hooks
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])  # no clipping (the _get_grad_norm path); clipping
 @pytest.mark.parametrize("loss", ["mile", "focal"])
 def test_mile_trainer_with_accumulation_equals_one_step_on_the_whole_batch(tmp_path, initial, loss, max_grad_norm):
@@ -82,6 +86,7 @@ def test_mile_trainer_with_accumulation_equals_one_step_on_the_whole_batch(tmp_p
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
 
 
+@needs_hooks
 def test_plain_trainer_is_exact_for_ce_but_not_for_mile_and_the_deviation_is_measured(tmp_path, initial, capsys):
     ce_one, _ = train(tmp_path, transformers.Trainer, "ce", 1, steps=1)
     ce_two, _ = train(tmp_path, transformers.Trainer, "ce", 2, steps=1)
@@ -96,6 +101,7 @@ def test_plain_trainer_is_exact_for_ce_but_not_for_mile_and_the_deviation_is_mea
     assert measured > 1e-3  # the plain Trainer is measurably inexact here, so the test above can tell
 
 
+@needs_hooks
 def test_mile_trainer_refuses_an_unpatched_model_and_a_compute_loss_func(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(TrainerSetupError, match="apply_mileloss"):
@@ -124,6 +130,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, loss: str, accum
     dist.destroy_process_group()
 
 
+@needs_hooks
 @pytest.mark.distributed
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_mile_trainer_on_two_gloo_processes_equals_one_process(tmp_path, initial, accumulation):
@@ -141,3 +148,10 @@ def test_mile_trainer_on_two_gloo_processes_equals_one_process(tmp_path, initial
     for name in one:
         torch.testing.assert_close(params[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     assert losses == pytest.approx(one_losses, rel=1e-5)
+
+
+def test_mile_trainer_refuses_a_transformers_without_the_hooks_it_overrides(tmp_path, monkeypatch):
+    monkeypatch.delattr(transformers.Trainer, "_get_grad_norm", raising=False)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(TrainerSetupError, match="_get_grad_norm, which transformers"):
+        MiLeTrainer(model=apply_mileloss(tiny_llama()), args=args, train_dataset=dataset())

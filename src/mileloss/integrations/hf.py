@@ -173,6 +173,13 @@ def _check_model(model: torch.nn.Module) -> tuple[str, torch.nn.Module | None]:
     return name, inspect.getmodule(cls)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run ``nn.Linear`` in on this device, or None outside autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     """The positions whose logits the caller asked for, as Hugging Face's ``logits_to_keep`` selects them."""
     if isinstance(logits_to_keep, int):
@@ -203,8 +210,11 @@ def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logit
     if targets is None:
         targets = shift_labels(labels, options["ignore_index"])
     head = self.get_output_embeddings()
-    weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
-    bias = None if head.bias is None else head.bias.to(hidden.dtype)
+    # the head's dtype: what HF's own forward would use, the autocast dtype inside autocast, else the hidden dtype
+    dtype = _autocast_dtype(hidden.device.type) or hidden.dtype
+    hidden = hidden.to(dtype)
+    weight = head.weight.to(dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
     # MiLeTrainer collects the exact normaliser: in training it asks for the unnormalised sum (times a fixed scale)
     collector = getattr(self, "_mileloss_collector", None)
     summing = collector is not None and self.training and torch.is_grad_enabled()
@@ -264,6 +274,10 @@ def apply_mileloss(
     (``loss + router_aux_loss_coef * aux_loss`` when ``output_router_logits``). Gemma 2/3 are refused (their
     final-logit softcap needs an engine option that does not exist yet), as is any other model, with an error that
     names what is missing. Calling it again replaces the options.
+
+    Precision: inside ``torch.autocast`` the head runs in the autocast dtype, as HF's ``nn.Linear`` head would
+    (hidden states and weight cast to it; an fp32 weight still gets an fp32 gradient); outside autocast, in the
+    hidden states' dtype. The engine accumulates in fp32 either way.
 
     Args:
         model: e.g. a ``transformers.LlamaForCausalLM``.
