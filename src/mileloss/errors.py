@@ -324,8 +324,3 @@ class UnsupportedModelError(IntegrationError):
 class TrainerSetupError(IntegrationError):
     """``MiLeTrainer`` cannot normalise exactly with this setup: an unpatched model, a ``compute_loss_func`` or
     label smoother, DeepSpeed/FSDP, DataParallel, or a ``transformers`` without the hooks it overrides."""
-
-
-class TokenWeightError(LossInputError):
-    """``token_weights`` holds a negative, NaN or infinite value (a loss's per-token weights must be finite and
-    >= 0; 0 excludes the token)."""
