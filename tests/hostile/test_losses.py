@@ -334,3 +334,11 @@ def test_softcap_of_a_nan_logit_stays_nan():
     logits = torch.randn(4, 6)
     logits[2, 3] = float("nan")
     assert torch.isnan(mileloss.mile_loss(logits, torch.randint(0, 6, (4,)), softcap=5.0))
+
+
+def test_token_weights_on_another_device_are_named():
+    from mileloss.errors import DeviceError
+
+    logits, targets = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    with pytest.raises(DeviceError, match="token_weights is on meta"):
+        mileloss.mile_loss(logits, targets, token_weights=torch.ones(5, device="meta"))
