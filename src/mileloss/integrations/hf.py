@@ -141,11 +141,7 @@ def _family(model: torch.nn.Module) -> tuple[str | None, type | None]:
 
 def _check_model(model: torch.nn.Module) -> tuple[str, torch.nn.Module | None]:
     """(family class name, the module defining it) or UnsupportedModelError naming what is missing."""
-    kind = type(model).__name__
-    if hasattr(model, "peft_config") or kind.startswith("Peft"):
-        raise UnsupportedModelError(
-            f"{kind} is a PEFT wrapper: apply_mileloss does not fuse PEFT (LoRA) models yet (the head's adapters "
-            "would be skipped); patch a plain *ForCausalLM")
+    kind = type(model).__name__  # PEFT adapters in the body are fine; on the head, the check below refuses them
     name, cls = _family(model)
     if name in REFUSED:
         softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
@@ -157,8 +153,11 @@ def _check_model(model: torch.nn.Module) -> tuple[str, torch.nn.Module | None]:
         missing.append(f"a body module at `.{prefix or 'base_model_prefix'}` (the model's base_model_prefix)")
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if not isinstance(head, torch.nn.Linear):
-        missing.append(f"an nn.Linear output embedding from get_output_embeddings() (got {type(head).__name__})")
+    if type(head) is not torch.nn.Linear and not (isinstance(head, torch.nn.Linear) and type(head).forward is
+                                                  torch.nn.Linear.forward):
+        missing.append(f"an nn.Linear output embedding from get_output_embeddings() (got "
+                       f"{type(head).__module__}.{type(head).__qualname__}; a PEFT adapter or modules_to_save on the "
+                       "head is not fused: leave lm_head out of target_modules)")
     config = getattr(model, "config", None)
     for attribute in _LOGIT_TRANSFORMS:
         if getattr(config, attribute, None) not in (None, 1, 1.0):
@@ -185,6 +184,18 @@ def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     if isinstance(logits_to_keep, int):
         return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
     return hidden[:, logits_to_keep]
+
+
+def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``*ForCausalLM`` inside a ``peft.PeftModel`` (adapters injected into its layers), else the model."""
+    if not callable(getattr(model, "get_base_model", None)):
+        return model
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses prompt learning ({config.peft_type}), which rewrites the inputs and "
+            "labels around the model: apply_mileloss fuses adapter methods (LoRA, ...) only")
+    return model.get_base_model()
 
 
 def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
@@ -275,6 +286,9 @@ def apply_mileloss(
     final-logit softcap needs an engine option that does not exist yet), as is any other model, with an error that
     names what is missing. Calling it again replaces the options.
 
+    PEFT: a ``peft.PeftModel`` with adapters in the body (LoRA on attention/MLP, ...) is patched inside (its
+    ``*ForCausalLM``); adapters or ``modules_to_save`` on the head, and prompt learning, are refused.
+
     Precision: inside ``torch.autocast`` the head runs in the autocast dtype, as HF's ``nn.Linear`` head would
     (hidden states and weight cast to it; an fp32 weight still gets an fp32 gradient); outside autocast, in the
     hidden states' dtype. The engine accumulates in fp32 either way.
@@ -289,18 +303,19 @@ def apply_mileloss(
     Returns:
         The same model.
     Raises:
-        UnsupportedModelError: an unverified family, a missing body or ``nn.Linear`` head, a PEFT wrapper, or a
-            logit transform (softcap, logit scale) the fused loss would not reproduce.
+        UnsupportedModelError: an unverified family, a missing body or plain ``nn.Linear`` head (PEFT on the head,
+            prompt learning), or a logit transform (softcap, logit scale) the fused loss would not reproduce.
     """
     _check_kind(loss)
+    wrapper, model = model, _unwrap_peft(model)
     name, module = _check_model(model)
     router_aux = module.load_balancing_loss_func if FAMILIES[name][1] else None
-    if not hasattr(model, "_mileloss_original_forward"):
+    if "_mileloss_original_forward" not in vars(model):
         model._mileloss_original_forward = model.forward
     model._mileloss_options = {"loss": loss, "gamma": gamma, "sigma": sigma, "ignore_index": ignore_index,
                                "chunk_size": chunk_size, "return_logits": return_logits, "router_aux": router_aux}
     model.forward = types.MethodType(_fused_forward, model)
-    return model
+    return wrapper
 
 
 patch_causal_lm = apply_mileloss
@@ -308,10 +323,11 @@ patch_causal_lm = apply_mileloss
 
 def unpatch_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply_mileloss` (no-op on an unpatched model)."""
-    if hasattr(model, "_mileloss_original_forward"):
-        del model.forward  # the instance attribute; the class's forward shows through again
-        del model._mileloss_original_forward
-        del model._mileloss_options
+    inner = _unwrap_peft(model)  # (a PeftModel forwards attribute look-ups to the model inside: unwrap first)
+    if "_mileloss_original_forward" in vars(inner):
+        del inner.forward  # the instance attribute; the class's forward shows through again
+        del inner._mileloss_original_forward
+        del inner._mileloss_options
     return model
 
 

@@ -65,10 +65,13 @@ class MiLeTrainer(Trainer):
                 f"{transformers.__version__} does not have (written against 5.24.0)")
         super().__init__(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
+        if callable(getattr(model, "get_base_model", None)):  # a peft.PeftModel: the patched model is inside
+            model = model.get_base_model()
         if not hasattr(model, "_mileloss_options"):
             raise TrainerSetupError(
                 f"MiLeTrainer needs a model patched by mileloss.integrations.apply_mileloss(model, loss=...); "
-                f"{type(model).__name__} is not (peft/accelerate wrappers are not unwrapped further)")
+                f"{type(model).__name__} is not")
+        self._mileloss_model = model
         if self.compute_loss_func is not None or self.label_smoother is not None:
             raise TrainerSetupError("MiLeTrainer takes the loss from the patched model: pass neither "
                                     "compute_loss_func nor label_smoothing_factor")
@@ -114,7 +117,7 @@ class MiLeTrainer(Trainer):
         if not (model.training and torch.is_grad_enabled()):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = self._mileloss_model
         unwrapped._mileloss_collector = self._mileloss_collect
         try:
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
