@@ -241,3 +241,16 @@ def test_under_bf16_autocast_the_head_runs_in_bf16_as_hf_would_and_fp32_weights_
     seen.clear()
     model(input_ids, attention_mask=attention_mask, labels=labels)  # outside autocast: fp32 again
     assert seen == [(torch.float32, torch.float32)]
+
+
+def test_a_sharded_head_weight_is_refused_at_forward_naming_the_sharding():
+    input_ids, attention_mask, labels = batch()
+    model = apply_mileloss(build("Llama"))
+    weight = model.lm_head.weight
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros(0))  # what a ZeRO-3 partition looks like outside a gather
+    model.lm_head.weight.ds_id = 0
+    with pytest.raises(UnsupportedModelError, match="ZeRO-3"):
+        model(input_ids, attention_mask=attention_mask, labels=labels)
+    model.lm_head.weight = torch.nn.Parameter(weight.detach()[:, :16].clone())  # a column shard
+    with pytest.raises(UnsupportedModelError, match=r"of shape \(61, 16\), not \(vocab, 32\)"):
+        model(input_ids, attention_mask=attention_mask, labels=labels)

@@ -179,6 +179,23 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def _check_head_weight(model: torch.nn.Module, weight: torch.Tensor, hidden: torch.Tensor) -> None:
+    """A head weight that is not the whole (V, D) matrix at forward time (FSDP2 DTensor, a ZeRO-3 partition):
+    refused by name rather than fused on a shard."""
+    sharded = None
+    if type(weight).__name__ == "DTensor" or hasattr(weight, "device_mesh"):
+        sharded = "a DTensor (FSDP2 / tensor parallel)"
+    elif hasattr(weight, "ds_id"):
+        sharded = "a DeepSpeed ZeRO-3 parameter"
+    elif weight.dim() != 2 or weight.shape[-1] != hidden.shape[-1]:
+        sharded = f"of shape {tuple(weight.shape)}, not (vocab, {hidden.shape[-1]}) (a flattened or sharded parameter)"
+    if sharded is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s head weight is {sharded} during forward: apply_mileloss does not gather "
+            "sharded heads yet; keep lm_head unsharded (FSDP: leave it in the root unit or ignored_modules), or "
+            "use ZeRO-2")
+
+
 def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     """The positions whose logits the caller asked for, as Hugging Face's ``logits_to_keep`` selects them."""
     if isinstance(logits_to_keep, int):
@@ -221,6 +238,7 @@ def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logit
     if targets is None:
         targets = shift_labels(labels, options["ignore_index"])
     head = self.get_output_embeddings()
+    _check_head_weight(self, head.weight, hidden)
     # the head's dtype: what HF's own forward would use, the autocast dtype inside autocast, else the hidden dtype
     dtype = _autocast_dtype(hidden.device.type) or hidden.dtype
     hidden = hidden.to(dtype)
