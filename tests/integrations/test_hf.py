@@ -100,3 +100,29 @@ def test_patch_rejects_unknown_loss_and_models_without_lm_head(model_and_batch):
         patch_causal_lm(model, loss="entropy")
     with pytest.raises(ValueError, match="get_output_embeddings"):
         patch_causal_lm(torch.nn.Linear(2, 2))
+
+
+def test_registered_transformers_loss_is_selected_by_loss_type_and_takes_hf_keywords(model_and_batch):
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    from mileloss.integrations import register_transformers_loss, transformers_loss_function
+
+    model, input_ids, labels = model_and_batch
+    targets = shift_labels(labels)
+    logits = model(input_ids).logits.detach()
+    expected = token_weighted_loss_reference(logits.reshape(-1, VOCAB), targets.reshape(-1), weighting="mile",
+                                             gamma=1.5, sigma=0.5)
+    key = register_transformers_loss("mile", gamma=1.5, sigma=0.5)
+    try:
+        assert key == "ForCausalLM_mileloss_mile_g1.5_s0.5"
+        model.loss_type = key  # what selects model.loss_function
+        torch.testing.assert_close(model(input_ids, labels=labels).loss.double(), expected, rtol=1e-6, atol=1e-8)
+    finally:
+        del LOSS_MAPPING[key]
+    function = transformers_loss_function("mile", gamma=1.5, sigma=0.5)
+    count = int((targets != -100).sum())
+    # HF's keywords: vocab_size, num_items_in_batch (loss * local count / N), shift_labels (flat or (B, T))
+    scaled = function(logits, labels, vocab_size=VOCAB, num_items_in_batch=torch.tensor(2 * count))
+    torch.testing.assert_close(scaled.double(), expected / 2, rtol=1e-6, atol=1e-8)
+    given = function(logits, None, vocab_size=VOCAB, shift_labels=targets.reshape(-1))
+    torch.testing.assert_close(given.double(), expected, rtol=1e-6, atol=1e-8)

@@ -8,11 +8,13 @@ from mileloss.integrations.hf import (
     apply_mileloss,
     make_compute_loss_func,
     patch_causal_lm,
+    register_transformers_loss,
+    transformers_loss_function,
     unpatch_causal_lm,
 )
 
 __all__ = ["FAMILIES", "REFUSED", "MiLeTrainer", "apply_mileloss", "make_compute_loss_func", "patch_causal_lm",
-           "unpatch_causal_lm"]
+           "register_transformers_loss", "transformers_loss_function", "unpatch_causal_lm"]
 
 
 def __getattr__(name: str):

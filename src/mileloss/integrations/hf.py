@@ -38,7 +38,7 @@ from mileloss.losses import linear_token_weighted_loss, token_weighted_loss
 
 __all__ = [
     "FAMILIES", "REFUSED", "apply_mileloss", "causal_lm_loss", "make_compute_loss_func", "patch_causal_lm",
-    "shift_labels", "unpatch", "unpatch_causal_lm",
+    "register_transformers_loss", "shift_labels", "transformers_loss_function", "unpatch", "unpatch_causal_lm",
 ]
 
 _KINDS = ("ce", "focal", "mile")
@@ -213,6 +213,41 @@ def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
             f"{type(model).__name__} uses prompt learning ({config.peft_type}), which rewrites the inputs and "
             "labels around the model: apply_mileloss fuses adapter methods (LoRA, ...) only")
     return model.get_base_model()
+
+
+def transformers_loss_function(loss: str = "mile", *, gamma: float = 1.0, sigma: float = 1.0):
+    """A loss with the signature of transformers' ``ForCausalLMLoss``: ``(logits, labels, vocab_size,
+    num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs)``, for ``model.loss_function = ...``
+    or :func:`register_transformers_loss`. It works on the model's logits (not fused: see ``apply_mileloss``)."""
+    _check_kind(loss)
+
+    def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                      shift_labels=None, **kwargs):
+        if labels is None and shift_labels is None:
+            raise ParameterError("the loss needs labels or shift_labels")
+        if shift_labels is not None:
+            shift_labels = shift_labels.reshape(logits.shape[:-1])
+        return causal_lm_loss(logits, labels, loss=loss, gamma=gamma, sigma=sigma, ignore_index=ignore_index,
+                              num_items_in_batch=num_items_in_batch, shifted_labels=shift_labels)
+
+    loss_function.__name__ = f"{loss}_ForCausalLMLoss"
+    return loss_function
+
+
+def register_transformers_loss(loss: str = "mile", *, gamma: float = 1.0, sigma: float = 1.0,
+                               name: str | None = None) -> str:
+    """Add :func:`transformers_loss_function` to ``transformers.loss.loss_utils.LOSS_MAPPING``; returns its key.
+
+    >>> model.loss_type = register_transformers_loss("mile", gamma=1.0, sigma=1.0)   # doctest: +SKIP
+
+    Then ``model.loss_function`` (which a model's forward calls with its logits) is MiLe. The key defaults to
+    ``"ForCausalLM_mileloss_<loss>_g<gamma>_s<sigma>"``; registering the same key again replaces it.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    key = name or f"ForCausalLM_mileloss_{loss}_g{gamma:g}_s{sigma:g}"
+    LOSS_MAPPING[key] = transformers_loss_function(loss, gamma=gamma, sigma=sigma)
+    return key
 
 
 def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
