@@ -155,3 +155,16 @@ def test_mile_trainer_refuses_a_transformers_without_the_hooks_it_overrides(tmp_
     args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(TrainerSetupError, match="_get_grad_norm, which transformers"):
         MiLeTrainer(model=apply_mileloss(tiny_llama()), args=args, train_dataset=dataset())
+
+
+@needs_hooks
+def test_mile_trainer_evaluate_reports_the_patched_models_weighted_mean(tmp_path):
+    model = apply_mileloss(tiny_llama(), loss="mile", gamma=1.5, sigma=0.5)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                          per_device_eval_batch_size=EXAMPLES)
+    metrics = MiLeTrainer(model=model, args=args, eval_dataset=dataset()).evaluate()
+    rows = dataset()
+    with torch.no_grad():
+        expected = model.eval()(input_ids=torch.stack([r["input_ids"] for r in rows]),
+                                labels=torch.stack([r["labels"] for r in rows])).loss
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
