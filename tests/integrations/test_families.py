@@ -33,6 +33,11 @@ CONFIGS = {
     "Qwen2-MoE": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_key_value_heads=2, num_experts=4,
                                                                 moe_intermediate_size=16,
                                                                 shared_expert_intermediate_size=16, **MOE)),
+    # softcap 2 and init 0.5: logits of a few units, so the cap changes them a lot
+    "Gemma 2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=8,
+                                                          final_logit_softcapping=2.0, initializer_range=0.5)),
+    "Gemma 3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(num_key_value_heads=2, head_dim=8,
+                                                              final_logit_softcapping=2.0, initializer_range=0.5)),
 }
 FAMILY_NAMES = list(CONFIGS)
 
@@ -165,6 +170,17 @@ def test_training_step_never_builds_a_tokens_by_vocab_tensor(family):
     assert 0 < patched.largest <= max(8, SMALL["hidden_size"]) * VOCAB < full, (patched.largest, full)
 
 
+@pytest.mark.parametrize("family", ["Gemma 2", "Gemma 3"])
+def test_eval_mode_logits_are_softcapped_as_the_family_returns_them(family):
+    model = build(family).eval()
+    input_ids, attention_mask, labels = batch()
+    original = model(input_ids, attention_mask=attention_mask, labels=labels)
+    patched = apply_mileloss(model, loss="ce")(input_ids, attention_mask=attention_mask, labels=labels)
+    assert float(original.logits.abs().max()) < 2.0
+    assert_close(patched.logits, original.logits, torch.float32)
+    assert_close(patched.loss, original.loss, torch.float32)
+
+
 def test_eval_mode_returns_logits_and_moe_outputs_keep_aux_loss_and_router_logits():
     model = build("Mixtral")
     input_ids, attention_mask, labels = batch()
@@ -181,16 +197,18 @@ def test_eval_mode_returns_logits_and_moe_outputs_keep_aux_loss_and_router_logit
     assert model(input_ids, labels=labels, return_dict=False)[0].ndim == 0
 
 
-@pytest.mark.parametrize("config_name, model_name", [("Gemma2Config", "Gemma2ForCausalLM"),
-                                                     ("Gemma3TextConfig", "Gemma3ForCausalLM")])
-def test_gemma_is_refused_naming_the_missing_softcap(config_name, model_name):
-    if not hasattr(transformers, model_name):
-        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
-    config = getattr(transformers, config_name)(**SMALL, num_key_value_heads=2, head_dim=8)
-    model = getattr(transformers, model_name)(config)
+def test_gemma_softcap_reaches_the_engine_and_an_engine_without_softcap_is_refused_naming_it(monkeypatch):
+    import mileloss.integrations.hf as hf
+
+    model = build("Gemma 2")
+    input_ids, attention_mask, labels = batch()
+    capped = apply_mileloss(model, loss="ce")(input_ids, attention_mask=attention_mask, labels=labels).loss
+    model.config.final_logit_softcapping = None  # the same weights without the cap: a different loss
+    uncapped = apply_mileloss(model, loss="ce")(input_ids, attention_mask=attention_mask, labels=labels).loss
+    assert abs(float(capped) - float(uncapped)) > 1e-3
+    monkeypatch.setattr(hf, "REFUSED", {name: "a final-logit softcap: no `softcap` option" for name in hf.SOFTCAPPED})
     with pytest.raises(UnsupportedModelError, match="softcap"):
-        apply_mileloss(model)
-    assert "forward" not in vars(model)
+        apply_mileloss(build("Gemma 3"))
 
 
 def test_unverified_family_and_odd_structures_are_refused_naming_what_is_missing():

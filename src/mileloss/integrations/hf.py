@@ -120,13 +120,16 @@ FAMILIES: dict[str, tuple[str, bool]] = {
     "GPTNeoXForCausalLM": ("GPT-NeoX", False),
     "MixtralForCausalLM": ("Mixtral", True),
     "Qwen2MoeForCausalLM": ("Qwen2-MoE", True),
+    "Gemma2ForCausalLM": ("Gemma 2", False),  # final-logit softcap: the engine's softcap option
+    "Gemma3ForCausalLM": ("Gemma 3", False),
 }
-# families whose forward transforms the logits after the head in a way the engine cannot reproduce yet
-REFUSED: dict[str, str] = {
-    "Gemma2ForCausalLM": "a final-logit softcap (config.final_logit_softcapping): the loss engine has no `softcap` "
-                         "option yet",
-    "Gemma3ForCausalLM": "a final-logit softcap (config.final_logit_softcapping): the loss engine has no `softcap` "
-                         "option yet",
+# families whose head output config.final_logit_softcapping caps: s * tanh(z / s), as the engine's softcap does
+SOFTCAPPED = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+ENGINE_HAS_SOFTCAP = "softcap" in inspect.signature(linear_token_weighted_loss).parameters
+# families whose forward transforms the logits after the head in a way the engine cannot reproduce
+REFUSED: dict[str, str] = {} if ENGINE_HAS_SOFTCAP else {
+    name: "a final-logit softcap (config.final_logit_softcapping): this mileloss's loss engine has no `softcap` option"
+    for name in SOFTCAPPED
 }
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -160,6 +163,8 @@ def _check_model(model: torch.nn.Module) -> tuple[str, torch.nn.Module | None]:
                        "head is not fused: leave lm_head out of target_modules)")
     config = getattr(model, "config", None)
     for attribute in _LOGIT_TRANSFORMS:
+        if attribute == "final_logit_softcapping" and name in SOFTCAPPED:
+            continue  # the engine's softcap reproduces it
         if getattr(config, attribute, None) not in (None, 1, 1.0):
             missing.append(f"support for config.{attribute} = {getattr(config, attribute)!r}, which transforms the "
                            "logits after the head")
@@ -282,11 +287,13 @@ def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logit
     # MiLeTrainer collects the exact normaliser: in training it asks for the unnormalised sum (times a fixed scale)
     collector = getattr(self, "_mileloss_collector", None)
     summing = collector is not None and self.training and torch.is_grad_enabled()
+    softcap = options["softcap"]
     with torch.autocast(hidden.device.type, enabled=False):
         loss, stats = linear_token_weighted_loss(
             hidden, weight, targets.to(hidden.device), bias, weighting=options["loss"], gamma=options["gamma"],
             sigma=options["sigma"], ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
-            reduction="sum" if summing else "mean", return_stats=True,
+            reduction="sum" if summing else "mean", return_stats=True, **({} if softcap is None else
+                                                                          {"softcap": softcap}),
         )
     if summing:
         loss = loss * collector(stats, num_items_in_batch)
@@ -304,6 +311,8 @@ def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logit
     if return_logits is None:
         return_logits = not self.training
     logits = head(_keep(hidden, logits_to_keep)) if return_logits else None
+    if logits is not None and softcap is not None:  # as the family's own forward returns them
+        logits = torch.tanh(logits / softcap) * softcap
     output_class = CausalLMOutputWithPast if router_aux is None else MoeCausalLMOutputWithPast
     # the cache field is `cache` in recent transformers, `past_key_values` before
     known = output_class.__dataclass_fields__
@@ -333,11 +342,11 @@ def apply_mileloss(
     caller is used as is), ``ignore_index`` positions are skipped and ``num_items_in_batch`` scales the loss as
     in the module docstring. Calls without ``labels`` run the original forward unchanged.
 
-    Families (``FAMILIES``; subclasses too): Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, GPT-NeoX, and the MoE
-    families Mixtral and Qwen2-MoE, whose router auxiliary loss is added as their own forward adds it
-    (``loss + router_aux_loss_coef * aux_loss`` when ``output_router_logits``). Gemma 2/3 are refused (their
-    final-logit softcap needs an engine option that does not exist yet), as is any other model, with an error that
-    names what is missing. Calling it again replaces the options.
+    Families (``FAMILIES``; subclasses too): Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, GPT-NeoX, Gemma 2 and 3
+    (their final-logit softcap, ``config.final_logit_softcapping``, is the engine's ``softcap`` option; refused
+    with an engine without it), and the MoE families Mixtral and Qwen2-MoE, whose router auxiliary loss is added
+    as their own forward adds it (``loss + router_aux_loss_coef * aux_loss`` when ``output_router_logits``). Any
+    other model is refused with an error that names what is missing. Calling it again replaces the options.
 
     PEFT: a ``peft.PeftModel`` with adapters in the body (LoRA on attention/MLP, ...) is patched inside (its
     ``*ForCausalLM``); adapters or ``modules_to_save`` on the head, and prompt learning, are refused.
@@ -363,10 +372,12 @@ def apply_mileloss(
     wrapper, model = model, _unwrap_peft(model)
     name, module = _check_model(model)
     router_aux = module.load_balancing_loss_func if FAMILIES[name][1] else None
+    softcap = getattr(model.config, "final_logit_softcapping", None) if name in SOFTCAPPED else None
     if "_mileloss_original_forward" not in vars(model):
         model._mileloss_original_forward = model.forward
     model._mileloss_options = {"loss": loss, "gamma": gamma, "sigma": sigma, "ignore_index": ignore_index,
-                               "chunk_size": chunk_size, "return_logits": return_logits, "router_aux": router_aux}
+                               "chunk_size": chunk_size, "return_logits": return_logits, "router_aux": router_aux,
+                               "softcap": softcap}
     model.forward = types.MethodType(_fused_forward, model)
     return wrapper
 
