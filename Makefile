@@ -36,7 +36,7 @@ $(MIN_VENV)/.installed: pyproject.toml .ci/min-versions.txt
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(MIN_VENV)/bin/pip install -q "torch==2.13.0"
 	$(MIN_VENV)/bin/pip install -q --only-binary=:all: -c .ci/min-versions.txt \
-	    transformers tokenizers pyyaml tqdm numpy pytest hypothesis
+	    transformers tokenizers pyyaml tqdm numpy zstandard pyarrow pytest hypothesis
 	$(MIN_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -11,6 +11,7 @@ line, ``mileloss <verb>: error: <message>``, and exit status 2 (``mileloss.cli``
     OutputFolderError   a folder the command would write is a file, foreign, busy or not writable
     RunError            a run, checkpoint or model on disk is incomplete, damaged or does not match
     TrainingError       training itself went wrong (a NaN loss); the checkpoints on disk stay valid
+    IntegrationError    a model or trainer handed to ``mileloss.integrations`` cannot be used as asked
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class WeightRangeError(ParameterError):
     their precision (see the "Range of gamma and sigma" notes in ``mileloss.losses.functional``)."""
 
 
+class TokenWeightError(LossInputError):
+    """``token_weights`` holds a negative, NaN or infinite value (a loss's per-token weights must be finite and
+    >= 0; 0 excludes the token)."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # a configuration key, preset or command-line option is wrong
 
@@ -95,6 +101,11 @@ class UnknownTaskError(ConfigError):
 class EvalArgumentError(ConfigError):
     """A numeric eval option out of range (``--seq-len 0``, ``--batch-size -1``), an unusable ``--dtype`` or
     ``--device``."""
+
+
+class MixtureError(ConfigError):
+    """A ``--mix`` is unusable: an unknown preset, a file that is not a YAML/JSON mapping of domain -> weight,
+    a weight that is negative or not finite, no positive weight, or ``--mix`` without a ``--domain-field``."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,6 +183,11 @@ class EvalDataError(DataError):
 
 class BenchmarkFileError(DataError):
     """A benchmark's validation files are not where the lm-eval bridge expects them (names the task and path)."""
+
+
+class DomainMismatchError(DataError):
+    """The corpus holds a domain the ``--mix`` does not name (a typo would silently drop it): give it a weight,
+    or weight 0 to leave it out on purpose."""
 
 
 class BenchmarkFetchError(BenchmarkFileError):
@@ -252,6 +268,17 @@ class MixedDataError(ReportError):
     """Runs trained or evaluated on different data (the message names two runs and what differs)."""
 
 
+class BlocksFileError(ReportError):
+    """An evaluation's ``eval/blocks.npz`` is unreadable, malformed, or differs from the sha256 that
+    ``perplexity.json`` recorded for it; re-run ``mileloss eval``."""
+
+
+class BlockMismatchError(ReportError):
+    """Two runs paired for an interval were not evaluated on the same held-out blocks (block starts, lengths,
+    tokens or frequency buckets differ): evaluate both with the same data, ``--max-tokens``, ``--seq-len`` and
+    ``--buckets``."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # training or a pipeline stage went wrong
 
@@ -271,40 +298,6 @@ class StageError(MileLossError):
     def __init__(self, stage: str, error: BaseException):
         super().__init__(f"{stage}: {error}")
         self.stage = stage
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# (RunError group, continued) the per-block sums of an evaluation, for paired intervals in the report
-
-
-class BlocksFileError(ReportError):
-    """An evaluation's ``eval/blocks.npz`` is unreadable, malformed, or differs from the sha256 that
-    ``perplexity.json`` recorded for it; re-run ``mileloss eval``."""
-
-
-class BlockMismatchError(ReportError):
-    """Two runs paired for an interval were not evaluated on the same held-out blocks (block starts, lengths,
-    tokens or frequency buckets differ): evaluate both with the same data, ``--max-tokens``, ``--seq-len`` and
-    ``--buckets``."""
-
-
-class TokenWeightError(LossInputError):
-    """``token_weights`` holds a negative, NaN or infinite value (a loss's per-token weights must be finite and
-    >= 0; 0 excludes the token)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# (ConfigError and DataError groups, continued) domain mixtures of `mileloss data --mix`
-
-
-class MixtureError(ConfigError):
-    """A ``--mix`` is unusable: an unknown preset, a file that is not a YAML/JSON mapping of domain -> weight,
-    a weight that is negative or not finite, no positive weight, or ``--mix`` without a ``--domain-field``."""
-
-
-class DomainMismatchError(DataError):
-    """The corpus holds a domain the ``--mix`` does not name (a typo would silently drop it): give it a weight,
-    or weight 0 to leave it out on purpose."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -193,10 +193,6 @@ def _record_document(record, name: str, text_field: str, domain_field: str | Non
     return Document(name, text=text, domain=domain)
 
 
-class _DamagedStreamError(OSError):
-    """Raised inside ``_ZstdReader``; ``_read_jsonl`` turns it into a ``CorpusFormatError`` naming the line."""
-
-
 class _ZstdReader(io.RawIOBase):
     """A ``.zst`` file decompressed as a stream, frame after frame; a truncated last frame is an error.
 
@@ -236,7 +232,8 @@ class _ZstdReader(io.RawIOBase):
             try:
                 output.append(self._object.decompress(chunk))
             except self._zstd.ZstdError as error:
-                raise _DamagedStreamError(f"not a valid zstd stream: {error}") from error
+                # an OSError, as gzip's BadGzipFile is: _read_jsonl turns it into a CorpusFormatError naming the line
+                raise OSError(f"not a valid zstd stream: {error}") from error
             self._in_frame = not self._object.eof
             chunk = self._object.unused_data if self._object.eof else b""
             if self._object.eof:
@@ -278,7 +275,7 @@ def _read_jsonl(path: Path, text_field: str, domain_field: str | None = None) ->
                 except json.JSONDecodeError as error:
                     raise CorpusFormatError(f"{path}:{line_number}: invalid JSON ({error.msg})") from error
                 yield _record_document(record, f"{path}:{line_number}", text_field, domain_field)
-    except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile and _DamagedStreamError are OSErrors
+    except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile and a damaged zstd frame are OSErrors
         raise CorpusFormatError(
             f"{path}:{line_number + 1}: damaged or truncated compressed stream ({error})"
         ) from error

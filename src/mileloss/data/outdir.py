@@ -376,12 +376,18 @@ def make_staging(out: Path) -> Path:
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         staging.mkdir()
+    except OSError as error:
+        raise _os_error(error, f"create the staging folder {staging}") from error
+    try:
         temporary = staging / _MARKER_TEMP
         with open(temporary, "x") as handle:
             handle.write(json.dumps({"tool": LOCK_TOOL, "pid": os.getpid(), "out": str(out)}) + "\n")
         os.rename(temporary, staging / PARTIAL_MARKER)
-    except OSError as error:
-        raise _os_error(error, f"create the staging folder {staging}") from error
+    except BaseException as error:  # a SIGTERM (SystemExit) or a full disk while the marker is written
+        discard_staging(staging)
+        if isinstance(error, OSError):
+            raise _os_error(error, f"create the staging folder {staging}") from error
+        raise
     return staging
 
 

@@ -123,14 +123,16 @@ def prepare_corpus(
         check_out(out_dir, overwrite)  # refuse now, not after an hour of tokenizing
         corpus = Corpus(sources, text_field=text_field, domain_field=domain_field, cache_dir=cache_dir)
         corpus.check_not_empty()
-        staging = make_staging(out_dir)
+        staging = None
         try:
+            staging = make_staging(out_dir)  # inside the try: a SIGTERM right after it still removes it
             _build(corpus, staging, vocab_size=vocab_size, tokenizer=tokenizer, text_field=text_field,
                    val_fraction=val_fraction, seed=seed, max_shard_tokens=max_shard_tokens, dtype=dtype,
                    progress=progress, started=started, mix=mix, max_epochs=max_epochs)
             publish(staging, out_dir, overwrite)
         except BaseException:
-            discard_staging(staging)
+            if staging is not None:
+                discard_staging(staging)
             raise
     logger.info("prepared %s in %.1f s", out_dir, time.perf_counter() - started)
     return load_manifest(out_dir, verify=False)
