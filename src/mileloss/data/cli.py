@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"most tokens per shard file (default: {DEFAULT_MAX_SHARD_TOKENS})",
     )
     parser.add_argument(
-        "--cache-dir", help="download folder of named corpora (default: $MILELOSS_CACHE or ~/.cache/mileloss/corpora)"
+        "--cache-dir",
+        help="download folder of named corpora (default: $MILELOSS_CACHE/corpora or ~/.cache/mileloss/corpora)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser

@@ -400,7 +400,7 @@ class Corpus:
         text_field: the field (dotted path) holding the text in JSONL records and parquet rows.
         domain_field: the field (dotted path) holding each record's domain, e.g. ``meta.pile_set_name``;
             ``None``: documents have no domain.
-        cache_dir: where named corpora are downloaded (default: ``$MILELOSS_CACHE`` or
+        cache_dir: where named corpora are downloaded (default: ``$MILELOSS_CACHE/corpora`` or
             ``~/.cache/mileloss/corpora``).
 
     A source spelled exactly like a named corpus is that corpus; write ``./shakespeare`` for a local

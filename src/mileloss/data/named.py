@@ -11,7 +11,7 @@ austen        Debian package ``r-cran-janeaustenr``: Jane        one per novel (
               Austen's six novels as R data                      package's R lazy-load database
 ============  ================================================  ======================================
 
-Each download is stored once in a cache folder (``cache_dir``, else ``$MILELOSS_CACHE``, else
+Each download is stored once in a cache folder (``cache_dir``, else ``$MILELOSS_CACHE/corpora``, else
 ``~/.cache/mileloss/corpora``) under its own file name. Every file is pinned (size and sha256, below),
 and nothing downloaded is executed or opened before it matches its pin:
 
@@ -59,9 +59,17 @@ logger = logging.getLogger(__name__)
 MAX_MEMBER_BYTES = 64 * 2**20  # no member we read is near this; a bigger one is not the file we pinned
 
 
+def cache_root() -> Path:
+    """Where mileloss keeps every download: ``$MILELOSS_CACHE``, else ``$XDG_CACHE_HOME/mileloss``
+    (``~/.cache/mileloss``); named corpora go in ``corpora/``, the benchmark files in ``benchmarks/``."""
+    if os.environ.get("MILELOSS_CACHE"):
+        return Path(os.environ["MILELOSS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mileloss"
+
+
 def default_cache_dir() -> Path:
-    """``$MILELOSS_CACHE`` if set, else ``~/.cache/mileloss/corpora``."""
-    return Path(os.environ.get("MILELOSS_CACHE") or Path.home() / ".cache" / "mileloss" / "corpora")
+    """The download folder of named corpora: ``cache_root() / "corpora"``."""
+    return cache_root() / "corpora"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16, float16")
-    parser.add_argument("--cache-dir", default=None, help="where benchmark exports are kept "
-                                                          "(default $MILELOSS_CACHE or ~/.cache/mileloss)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where benchmark files and exports are kept "
+                             "(default $MILELOSS_CACHE/benchmarks or ~/.cache/mileloss/benchmarks)")
     return parser
 
 

@@ -372,10 +372,11 @@ def _benchmark_version() -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$MILELOSS_CACHE`` or ``$XDG_CACHE_HOME/mileloss`` (``~/.cache/mileloss``), plus ``/benchmarks``."""
-    if os.environ.get("MILELOSS_CACHE"):
-        return Path(os.environ["MILELOSS_CACHE"]) / "benchmarks"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mileloss" / "benchmarks"
+    """The benchmark cache: ``cache_root() / "benchmarks"`` (``$MILELOSS_CACHE/benchmarks`` or
+    ``~/.cache/mileloss/benchmarks``), beside the corpora of :func:`mileloss.data.named.default_cache_dir`."""
+    from mileloss.data.named import cache_root
+
+    return cache_root() / "benchmarks"
 
 
 def export_tasks(task_names: Sequence[str], cache_dir: str | Path, *, root: str | Path | None = None) -> Path:
