@@ -317,3 +317,13 @@ class UnsupportedModelError(IntegrationError):
 class TrainerSetupError(IntegrationError):
     """``MiLeTrainer`` cannot normalise exactly with this setup: an unpatched model, a ``compute_loss_func`` or
     label smoother, DeepSpeed/FSDP, DataParallel, or a ``transformers`` without the hooks it overrides."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reproduce / sweeps (appended: a ConfigError, by what the user must fix)
+
+
+class SweepMismatchError(ConfigError):
+    """``mileloss reproduce --out`` names a folder an earlier reproduce (or sweep) wrote with another budget
+    (steps, batch, vocabulary, evaluation settings) or corpus: its runs would not compare with the new ones, so
+    the folder is refused instead of extended; choose another ``--out``."""

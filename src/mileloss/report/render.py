@@ -26,6 +26,7 @@ from mileloss.report.data_check import DataCheck, check_same_data
 from mileloss.report.intervals import DEFAULT_RESAMPLES, METHOD, REFERENCES, GroupIntervals, group_intervals
 from mileloss.report.plots import FIGURES, write_plots
 from mileloss.report.runs import ReportError, RunGroup, group_runs, load_run
+from mileloss.report.sweep import coincidence_lines, plot_sweep, sweep_points, sweep_table
 from mileloss.report.tables import MISSING, Table, comparison_table, interval_verdicts, reference_group, verdict
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ __all__ = ["write_report"]
 COMMAND = "mileloss report"
 MARKER = "report.json"
 LOCK = ".report.lock"
-WRITTEN = frozenset({"report.md", "report.html", *(f"{name}.png" for name in FIGURES)})
+WRITTEN = frozenset({"report.md", "report.html", *(f"{name}.png" for name in (*FIGURES, "sweep"))})
 """Every file a report may write besides :data:`MARKER` and :data:`LOCK`."""
 
 CAPTIONS = {
@@ -47,7 +48,11 @@ CAPTIONS = {
     "histograms": "Distribution over held-out tokens of the prediction entropy H and of the weight each run's own "
                   "loss gives a token (MiLe (σ + H)^γ, focal (1 − p)^γ; CE runs, always 1, are not drawn).",
     "benchmarks": "Downstream benchmark scores (accuracy; TriviaQA: exact match).",
+    "sweep": "MiLe sweep: held-out perplexity per training-frequency bucket against γ (one line per σ; mean ± sample "
+             "standard deviation over seeds; CE dashed, its seed spread shaded) and, below, the paired change vs CE "
+             "with its 95 % bootstrap interval (over seed pairs and held-out blocks). γ = 0 is cross-entropy.",
 }
+SWEEP_TITLE = "Sweep over γ: MiLe against CE"
 NOTES = [
     "Perplexity deltas are relative to the CE run: 100·(ppl − ppl_CE)/ppl_CE; benchmark deltas are in points.",
     "Runs that differ only by seed are one column: mean ± sample standard deviation.",
@@ -212,7 +217,12 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_m
         # listed before writing, so that a report killed half-way leaves a folder the next report recognises
         write_atomic(out / MARKER, json.dumps({**marker, "complete": False, "files": sorted(WRITTEN)}, indent=2))
         figures = write_plots(groups, metrics, out, intervals)
-        report = _write_documents(out, groups, table, summary, figures, check, interval_lines, method)
+        points = sweep_points(groups)
+        sweep_figure = plot_sweep(points, groups, metrics, out, intervals)
+        if sweep_figure is not None:
+            figures["sweep"] = sweep_figure
+        sweep = (sweep_table(points, groups, metrics, intervals), coincidence_lines(groups)) if points else None
+        report = _write_documents(out, groups, table, summary, figures, check, interval_lines, method, sweep)
         written = {"report.md", "report.html", *(path.name for path in figures.values())}
         write_atomic(out / MARKER, json.dumps({**marker, "complete": True, "files": sorted(written),
                                                "intervals": _intervals_json(intervals, bootstrap, bootstrap_seed)},
@@ -235,8 +245,10 @@ def _intervals_json(intervals: dict[str, GroupIntervals] | None, resamples: int,
 
 
 def _write_documents(out: Path, groups: list[RunGroup], table: Table, summary: str, figures: dict[str, Path],
-                     check: DataCheck, interval_lines: list[str], method: str | None) -> Path:
-    """``report.md`` and ``report.html``; returns the latter."""
+                     check: DataCheck, interval_lines: list[str], method: str | None,
+                     sweep: tuple[Table, list[str]] | None = None) -> Path:
+    """``report.md`` and ``report.html`` (with ``sweep``, a section of its table and the γ = 0 lines); returns the
+    latter."""
     bucket_lines, run_lines = _bucket_lines(groups), _run_lines(groups)
     warning = _warning_lines(check)
     unverified = ([f"Training data not verified for {', '.join(check.unverified)}: only the recorded vocabulary "
@@ -254,6 +266,8 @@ def _write_documents(out: Path, groups: list[RunGroup], table: Table, summary: s
     if bucket_lines:
         markdown += [bucket_lines[0], "", *[f"- {line}" for line in bucket_lines[1:]], ""]
     markdown += ["## Comparison", "", _markdown_table(table), "", *[f"- {note}" for note in NOTES], ""]
+    if sweep is not None:
+        markdown += [f"## {SWEEP_TITLE}", "", *[f"- {line}" for line in sweep[1]], "", _markdown_table(sweep[0]), ""]
     if method:
         markdown += ["## Method of the intervals", "", method, "", *[f"- {ref}" for ref in REFERENCES], ""]
     markdown += ["## Figures", ""]
@@ -279,6 +293,9 @@ def _write_documents(out: Path, groups: list[RunGroup], table: Table, summary: s
                   *[f"<li>{html.escape(line)}</li>" for line in bucket_lines[1:]], "</ul>"]
     parts += ["<h2>Comparison</h2>", _html_table(table), '<ul class="small">',
               *[f"<li>{html.escape(note)}</li>" for note in NOTES], "</ul>"]
+    if sweep is not None:
+        parts += [f"<h2>{html.escape(SWEEP_TITLE)}</h2>", "<ul>",
+                  *[f"<li>{html.escape(line)}</li>" for line in sweep[1]], "</ul>", _html_table(sweep[0])]
     if method:
         parts += ["<h2>Method of the intervals</h2>", f"<p>{html.escape(method)}</p>", '<ul class="small">',
                   *[f"<li>{html.escape(ref)}</li>" for ref in REFERENCES], "</ul>"]
