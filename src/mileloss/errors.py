@@ -320,10 +320,10 @@ class TrainerSetupError(IntegrationError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reproduce / sweeps (appended: a ConfigError, by what the user must fix)
+# sharded training (appended: a ConfigError, by what the user must fix)
 
 
-class SweepMismatchError(ConfigError):
-    """``mileloss reproduce --out`` names a folder an earlier reproduce (or sweep) wrote with another budget
-    (steps, batch, vocabulary, evaluation settings) or corpus: its runs would not compare with the new ones, so
-    the folder is refused instead of extended; choose another ``--out``."""
+class ShardedCheckpointError(ConfigError):
+    """``run.parallel=fsdp`` with checkpoints (``run.checkpoint_every`` > 0) or ``--resume``: sharded checkpoints
+    in Distributed Checkpoint (DCP) format are not implemented yet; train with ``run.checkpoint_every=0`` or with
+    ``run.parallel=ddp``."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,7 +26,8 @@ from mileloss.errors import UnknownPresetError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRESETS", "ModelPreset", "build_model", "count_parameters", "model_config", "UnknownPresetError"]
+__all__ = ["PRESETS", "ModelPreset", "build_model", "count_parameters", "materialize_model", "model_config",
+           "UnknownPresetError"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,3 +115,64 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
         seen.add(id(parameter))
         total += parameter.numel()
     return total
+
+
+def materialize_model(model: LlamaForCausalLM, seed: int, device: torch.device | str) -> LlamaForCausalLM:
+    """Give a model built on the meta device (and possibly sharded since) the weights of ``build_model`` under
+    ``torch.manual_seed(seed)``, one parameter at a time.
+
+    The model is moved with ``to_empty(device=device)``, then every parameter receives the values the
+    single-process ``build_model`` draws for it with the same seed (the global CPU generator is re-seeded with
+    ``seed`` and left where ``build_model`` leaves it). A sharded parameter (an FSDP2 ``DTensor``) keeps only its
+    own shard of the full tensor, so a rank holds at most one whole parameter at a time (the largest: the embedding
+    or the LM head), never the whole model. The draws replay what ``LlamaForCausalLM(config)`` does: the
+    constructors of the body's ``nn.Linear``/``nn.Embedding`` modules draw their default init, ``LlamaModel``'s
+    ``post_init`` draws N(0, initializer_range) for each of them, then the LM head's constructor and the outer
+    ``post_init`` draw for the head; RMSNorm weights are ones and the rotary buffers are recomputed.
+    ``tests/train/test_fsdp.py`` checks the result against ``build_model`` exactly.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    device = torch.device(device)
+    std = model.config.initializer_range
+    model.to_empty(device=device)
+
+    def assign(parameter: torch.nn.Parameter, full: torch.Tensor) -> None:
+        full = full.to(device=device, dtype=parameter.dtype)
+        if isinstance(parameter, DTensor):
+            full = distribute_tensor(full, parameter.device_mesh, parameter.placements, src_data_rank=None).to_local()
+            parameter.to_local().copy_(full)
+        else:
+            parameter.copy_(full)
+
+    def constructor_draws(modules) -> None:
+        for module in modules:
+            if isinstance(module, torch.nn.Linear):
+                if module.bias is not None:
+                    raise NotImplementedError("materialize_model: nn.Linear with a bias is not replayed")
+                torch.nn.init.kaiming_uniform_(torch.empty(module.weight.shape), a=math.sqrt(5))
+            elif isinstance(module, torch.nn.Embedding):
+                torch.empty(module.weight.shape).normal_()
+
+    def init_draws(modules) -> None:
+        for module in modules:
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                assign(module.weight, torch.empty(module.weight.shape).normal_(0.0, std))
+            elif "RMSNorm" in type(module).__name__:
+                assign(module.weight, torch.ones(module.weight.shape))
+            elif "RotaryEmbedding" in type(module).__name__:
+                with torch.device("cpu"):
+                    fresh = type(module)(config=module.config)
+                for name, buffer in fresh.named_buffers(recurse=False):
+                    getattr(module, name).copy_(buffer)
+
+    body, head = list(model.model.modules()), [model.lm_head]
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        raise RuntimeError("materialize_model: to_empty left meta tensors")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        constructor_draws(body)
+        init_draws(body)
+        constructor_draws(head)
+        init_draws(head)
+    return model

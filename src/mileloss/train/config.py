@@ -27,7 +27,13 @@ from typing import Any
 
 import yaml
 
-from mileloss.errors import ConfigError, ConfigKeyError, ConfigNotFoundError, ConfigValueError
+from mileloss.errors import (
+    ConfigError,
+    ConfigKeyError,
+    ConfigNotFoundError,
+    ConfigValueError,
+    ShardedCheckpointError,
+)
 
 __all__ = [
     "ConfigError",
@@ -225,6 +231,17 @@ class RunConfig:
     """CPU threads for torch (fix it for bitwise-reproducible CPU runs; ``null`` leaves torch's default)."""
     progress: bool = True
     """Show a tqdm progress bar (rank 0 only)."""
+    parallel: str = "ddp"
+    """How ``torchrun`` processes share the work: ``ddp`` (every rank holds the whole model, its gradients and
+    AdamW state: fastest while that fits, e.g. the tiny/small presets and 468M on large GPUs) or ``fsdp`` (FSDP2,
+    ``torch.distributed.fsdp.fully_shard``: one unit per decoder layer plus the root, built on the meta device and
+    materialised shard by shard, so each rank holds 1/world of the parameters, gradients and optimizer state;
+    choose it when the model does not fit one device under DDP, i.e. 1.2B and 6.7B). The loss and the gradients
+    are those of one process on the whole batch either way. A single process ignores it. Sharded (DCP)
+    checkpoints are not implemented yet: ``fsdp`` needs ``run.checkpoint_every=0`` and no ``--resume``."""
+    reshard_after_forward: bool = True
+    """``fsdp`` only: free each layer's gathered parameters after its forward and gather them again in backward
+    (less memory, one more all-gather per layer); ``false`` keeps them until backward (ZeRO-2-like)."""
 
     def __post_init__(self) -> None:
         _check_types(self, "run")
@@ -247,6 +264,12 @@ class RunConfig:
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.num_threads is None or 0 < self.num_threads <= MAX_THREADS, "run.num_threads",
                f"must be in [1, {MAX_THREADS}], got {self.num_threads}")
+        _check(self.parallel in ("ddp", "fsdp"), "run.parallel", f"must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.checkpoint_every:
+            raise ShardedCheckpointError(
+                f"run.parallel=fsdp with run.checkpoint_every={self.checkpoint_every}: sharded checkpoints (DCP "
+                "format) are not implemented yet; set run.checkpoint_every=0 (the final model is still exported) or "
+                "use run.parallel=ddp")
 
 
 @dataclasses.dataclass

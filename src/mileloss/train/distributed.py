@@ -83,3 +83,46 @@ def init_distributed(device_preference: str) -> tuple[DistributedContext, torch.
         dist.init_process_group(backend=backend, init_method="env://")
     logger.info("rank %d/%d on %s (%s)", rank, world_size, device, backend)
     return DistributedContext(rank, world_size, local_rank), device
+
+
+def fsdp_mixed_precision(device: torch.device, autocast_dtype: torch.dtype | None):
+    """bf16 parameters with fp32 gradient reduction on CUDA when the run trains in bf16; fp32 otherwise (CPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type == "cuda" and autocast_dtype == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(loss_module: torch.nn.Module, context: DistributedContext, device: torch.device,
+                reshard_after_forward: bool, autocast_dtype: torch.dtype | None) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``) over all ranks: one unit per decoder layer, then the root ``loss_module``.
+
+    The root unit holds the embedding, the final norm and the LM head: FSDP2 gathers them when the root's forward
+    starts and frees them after its backward, so the fused loss sees the whole head weight only while it runs (the
+    (tokens, vocab) logits never exist). Gradients are reduce-scattered as averages over ranks, like DDP's.
+    Call it on a model built on the meta device, then :func:`mileloss.models.materialize_model`.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (context.world_size,))
+    policy = fsdp_mixed_precision(device, autocast_dtype)
+    for layer in loss_module.model.model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(loss_module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    return loss_module
+
+
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` that also takes FSDP2's sharded (``DTensor``) gradients: the global norm (a plain tensor)
+    over all shards of all ranks, then every gradient scaled by ``min(1, max_norm / norm)``."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):  # a partial sum of this rank's shards: all-reduce it
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
+    return norm

@@ -19,20 +19,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["export_final"]
 
 
-def export_final(model: torch.nn.Module, run, steps: int, tokens: int) -> Path:
+def export_final(model: torch.nn.Module, run, steps: int, tokens: int, state_dict: dict | None = None) -> Path:
     """Write ``save_pretrained`` model + tokenizer and ``mileloss_run.json`` into ``run.run_dir / "final"``.
 
     Args:
         model: the trained ``LlamaForCausalLM`` (not wrapped in DDP).
         run: the :class:`~mileloss.train.preflight.PreparedRun`.
         steps, tokens: optimizer steps and training tokens done.
+        state_dict: the full weights to write instead of ``model``'s own (an FSDP-sharded model's gathered state).
     """
     folder = RunFolder(run.run_dir)
     folder.final.mkdir(parents=True, exist_ok=True)
     # mileloss_run.json marks a complete export: it goes first and comes back last, so a kill in between never
     # leaves the summary of an earlier export beside half-written weights
     folder.run_info_path.unlink(missing_ok=True)
-    model.save_pretrained(folder.final)
+    model.save_pretrained(folder.final, **({} if state_dict is None else {"state_dict": state_dict}))
     AutoTokenizer.from_pretrained(str(run.manifest.tokenizer_dir)).save_pretrained(folder.final)
     config, data_dir = run.config, Path(run.config.data.dir).resolve()
     folder.write_run_info({

@@ -2,12 +2,19 @@
 
     mileloss train tiny loss.kind=mile run.out=runs/mile
     torchrun --nproc_per_node 2 -m mileloss train tiny      # DDP, same global batch
+    torchrun --nproc_per_node 2 -m mileloss train 1.2B run.parallel=fsdp run.checkpoint_every=0   # FSDP2
 
 One optimizer step = ``grad_accum_steps`` micro-batches per process. The loss is computed from the last hidden
 states with the fused LM-head loss (the (tokens, vocab) logits never exist). With ``loss.normalize=weighted``
 each micro-batch back-propagates its unnormalised sum ``sum_i w_i CE_i`` and the gradients are divided once by
 the global ``sum_i w_i`` after the last micro-batch (``WeightNormalizer``), so the step's gradient equals that
 of one process on the whole global batch, whatever the accumulation and world size.
+
+With ``run.parallel=fsdp`` (and more than one process) the model is built on the meta device, sharded with
+FSDP2 (``mileloss.train.distributed.shard_model``) and materialised shard by shard with the weights the
+single-process model gets from the same seed (``mileloss.models.materialize_model``); the gradients are sharded
+``DTensor``s, which the normaliser rescales and :func:`~mileloss.train.distributed.clip_gradients` clips by their
+global norm.
 
 The run folder is claimed first (``mileloss.train.rundir``): a lock, then a fresh run needs an empty folder (or
 ``overwrite``), ``resume`` needs a complete checkpoint. Callers may pass :class:`TrainHooks`: callbacks at the
@@ -29,9 +36,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from mileloss.errors import NonFiniteLossError
+from mileloss.errors import NonFiniteLossError, ShardedCheckpointError
 from mileloss.losses import WeightNormalizer, linear_token_weighted_loss
-from mileloss.models import build_model
+from mileloss.models import build_model, materialize_model
 from mileloss.run_folder import RunFolder
 from mileloss.train.checkpoint import (
     CheckpointError,
@@ -43,7 +50,7 @@ from mileloss.train.checkpoint import (
     set_rng_state,
 )
 from mileloss.train.config import TrainConfig, save_config
-from mileloss.train.distributed import DistributedContext, init_distributed
+from mileloss.train.distributed import DistributedContext, clip_gradients, init_distributed, shard_model
 from mileloss.train.export import export_final
 from mileloss.train.metrics import MetricsLogger
 from mileloss.train.preflight import (
@@ -84,14 +91,17 @@ class LanguageModelLoss(torch.nn.Module):
         super().__init__()
         self.model, self.loss, self.autocast_dtype = model, loss, autocast_dtype
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "sum", process_group=None):
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "sum", process_group=None,
+                loss: dict | None = None):
+        """``loss``, if given, replaces the configured loss options (validation: ``{"weighting": "ce"}``)."""
         hidden = self.model.model(input_ids=input_ids).last_hidden_state  # (B, T, D)
         weight = self.model.lm_head.weight  # (V, D)
         if self.autocast_dtype is not None:  # low-precision GEMMs in the loss, fp32 softmax math inside it
             hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             return linear_token_weighted_loss(
-                hidden, weight, labels, reduction=reduction, return_stats=True, process_group=process_group, **self.loss
+                hidden, weight, labels, reduction=reduction, return_stats=True, process_group=process_group,
+                **(self.loss if loss is None else loss)
             )
 
 
@@ -121,6 +131,9 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
 def validation_loss(model: torch.nn.Module, run: PreparedRun, context: DistributedContext) -> float:
     """Plain cross-entropy (nats/token) over the first ``run.eval_batches`` global validation batches.
 
+    ``model`` is the :class:`LanguageModelLoss` (not wrapped in DDP; under FSDP2 it is the sharded root, whose
+    forward gathers the parameters).
+
     A global batch has ``batch_size * world_size`` rows and rank r evaluates its rows ``[r * B, (r + 1) * B)``,
     so the value does not depend on how the batch is spread over processes.
     """
@@ -137,10 +150,8 @@ def validation_loss(model: torch.nn.Module, run: PreparedRun, context: Distribut
         if len(input_ids) == 0:  # the last, partial global batch may not reach this rank
             continue
         with run.autocast():
-            hidden = model.model(input_ids=input_ids.to(run.device)).last_hidden_state
-        weight = model.lm_head.weight.to(hidden.dtype)
-        _, stats = linear_token_weighted_loss(hidden, weight, labels.to(run.device), weighting="ce",
-                                              reduction="sum", return_stats=True)
+            _, stats = model(input_ids.to(run.device), labels.to(run.device), reduction="sum",
+                             loss={"weighting": "ce"})
         totals += torch.stack([stats.weighted_ce_sum.double(), stats.valid_count.double()])
     context.all_reduce_sum(totals)
     model.train()
@@ -162,8 +173,12 @@ def train_step(wrapped: torch.nn.Module, loader, run: PreparedRun, context: Dist
     for micro in range(accum):
         input_ids, labels = (t.to(run.device, non_blocking=True) for t in loader.next_batch())
         last = micro == accum - 1
-        # DDP: all-reduce the gradients only once, after the last micro-batch
-        sync = contextlib.nullcontext() if last or context.world_size == 1 else wrapped.no_sync()
+        # DDP and FSDP: reduce the gradients only once, after the last micro-batch
+        sync = contextlib.nullcontext()
+        if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+            wrapped.set_requires_gradient_sync(last)
+        elif not last and context.world_size > 1:
+            sync = wrapped.no_sync()
         with sync:
             with run.autocast():
                 if paper:  # the official code: per-micro-batch mean, alpha averaged over ranks
@@ -235,6 +250,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, ho
         CheckpointError: the checkpoint to resume from is unreadable, corrupted or unsafe.
         NonFiniteLossError: the loss became NaN/inf (the newest checkpoint on disk stays valid).
     """
+    if resume and config.run.parallel == "fsdp":
+        raise ShardedCheckpointError("--resume with run.parallel=fsdp: sharded checkpoints (DCP format) are not "
+                                     "implemented yet; resume a run.parallel=ddp run with run.parallel=ddp")
     context, device = init_distributed(config.run.device)
     try:
         return _train(config, resume, overwrite, hooks or TrainHooks(), context, device)
@@ -258,11 +276,19 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
     config, cfg = run.config, run.config.run
     from mileloss.data import TokenBatchLoader
 
+    fsdp = cfg.parallel == "fsdp" and context.world_size > 1
     torch.manual_seed(cfg.seed)
-    model = build_model(config.model.preset, **run.model_kwargs).to(device)
+    if fsdp:  # no rank ever holds the whole model: shapes on the meta device, then each rank's shards
+        with torch.device("meta"):
+            model = build_model(config.model.preset, **run.model_kwargs)
+    else:
+        model = build_model(config.model.preset, **run.model_kwargs).to(device)
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     loss_wrapper = LanguageModelLoss(model, run.loss_kwargs, run.autocast_dtype)
+    if fsdp:
+        shard_model(loss_wrapper, context, device, cfg.reshard_after_forward, run.autocast_dtype)
+        materialize_model(model, cfg.seed, device)
     optimizer = build_optimizer(model, config, device)
     scheduler = build_scheduler(optimizer, warmup_steps=config.optim.warmup_steps, total_steps=cfg.max_steps,
                                 min_lr_ratio=config.optim.min_lr_ratio)
@@ -272,7 +298,7 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
     if cfg.compile:
         model.model.compile()
     wrapped = loss_wrapper
-    if context.world_size > 1:
+    if context.world_size > 1 and not fsdp:
         wrapped = DistributedDataParallel(loss_wrapper, device_ids=[device.index] if device.type == "cuda" else None)
     if context.is_main:
         save_config(config, RunFolder(run.run_dir).config)
@@ -294,7 +320,7 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
                 f"(last good checkpoint: {last or 'none'})"
             )
         clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = clip_gradients(model.parameters(), clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -311,7 +337,7 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
             progress.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{speed:,.0f}")
             interval_seconds, interval_tokens = 0.0, 0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-            val_loss = validation_loss(model, run, context)
+            val_loss = validation_loss(loss_wrapper, run, context)
             if context.is_main:
                 metrics.log("val", step=step, tokens=tokens, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)))
                 logger.info("step %d: val_loss %.4f", step, val_loss)
@@ -327,8 +353,13 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
         if hooks.step_end is not None:
             hooks.step_end(step)
     progress.close()
+    full_state = None
+    if fsdp:  # gathered to CPU on every rank (a collective); rank 0 writes it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if context.is_main:
         metrics.close()
-        export_final(model, run, steps=step, tokens=tokens)
+        export_final(model, run, steps=step, tokens=tokens, state_dict=full_state)
     context.barrier()
     return run.run_dir

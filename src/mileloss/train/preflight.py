@@ -168,11 +168,11 @@ def prepare_run(config: TrainConfig, context: DistributedContext, device: torch.
 # run.max_tokens may differ as long as the resolved run.max_steps (compared) is the same; data.dir may move, the
 # data itself is compared by its fingerprint.
 # model.gradient_checkpointing and loss.chunk_size change memory use only (a run that runs out of memory may lower
-# them and resume).
+# them and resume). run.parallel and run.reshard_after_forward change how ranks share the model, not the math.
 _RESUMABLE_CHANGES = {"run.max_tokens", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
                       "run.keep_checkpoints", "run.log_every", "run.progress", "run.out", "run.compile",
                       "run.num_threads", "run.device", "data.dir", "data.verify_checksums",
-                      "model.gradient_checkpointing", "loss.chunk_size"}
+                      "model.gradient_checkpointing", "loss.chunk_size", "run.parallel", "run.reshard_after_forward"}
 # Keys that define the learning-rate schedule of the steps to come: the scheduler is rebuilt from the config, so
 # resuming with another value would silently bend the cosine curve mid-run.
 _SCHEDULE_KEYS = {"run.max_steps", "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio"}
