@@ -320,6 +320,16 @@ class TrainerSetupError(IntegrationError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# reproduce / sweeps (appended: a ConfigError, by what the user must fix)
+
+
+class SweepMismatchError(ConfigError):
+    """``mileloss reproduce --out`` names a folder an earlier reproduce (or sweep) wrote with another budget
+    (steps, batch, vocabulary, evaluation settings) or corpus: its runs would not compare with the new ones, so
+    the folder is refused instead of extended; choose another ``--out``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # sharded training (appended: a ConfigError, by what the user must fix)
 
 
