@@ -137,3 +137,38 @@ def test_two_fsdp_ranks_reproduce_the_single_process_loss_curve_and_export(data_
     assert sorted(weights) == sorted(reference)
     worst = max(((weights[name] - value).abs().max().item(), name) for name, value in reference.items())
     assert worst[0] < 1e-4, f"largest parameter difference {worst[0]:.2e} in {worst[1]}"
+
+
+NAN_AT_STEP_2 = '''
+import math
+import sys
+
+import torch
+
+from mileloss.train import TrainHooks, load_config, train
+
+
+def step_start(step, model):
+    if step == 2:  # one rank's shard of the final norm: every rank's loss becomes NaN once gathered
+        shard = model.model.norm.weight.to_local()
+        if shard.numel():
+            with torch.no_grad():
+                shard.fill_(math.nan)
+
+
+train(load_config(None, sys.argv[1:]), hooks=TrainHooks(step_start=step_start))
+'''
+
+
+@pytest.mark.distributed
+def test_nan_stop_under_fsdp_stops_every_rank_before_the_optimizer_step(data_dir, tmp_path):
+    script = tmp_path / "nan_trainer.py"
+    script.write_text(NAN_AT_STEP_2)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *tiny_overrides(data_dir, out, **{**STEPS, "run.batch_size": 2}), "run.parallel=fsdp"]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode != 0
+    assert result.stderr.count("non-finite training loss nan at step 2") >= 2, result.stderr[-4000:]
+    assert [line["step"] for line in read_metrics(out / "metrics.jsonl")] == [1]
+    assert not (out / "final").exists()
