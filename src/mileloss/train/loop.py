@@ -354,7 +354,7 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
             hooks.step_end(step)
     progress.close()
     full_state = None
-    if fsdp:  # gathered to CPU on every rank (a collective); rank 0 writes it
+    if fsdp:  # a collective: every rank sends its shards, rank 0 receives the whole state on CPU and writes it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
