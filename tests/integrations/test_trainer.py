@@ -10,6 +10,9 @@ import transformers
 from mileloss.errors import TrainerSetupError
 from mileloss.integrations import MiLeTrainer, apply_mileloss
 
+# transformers' Trainer (TrainingArguments) needs accelerate; the minimum-versions environment has none
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+
 # MiLeTrainer overrides hooks of transformers 5.x's Trainer; older versions are refused (tested below)
 needs_hooks = pytest.mark.skipif(not hasattr(transformers.Trainer, "_get_grad_norm"),
                                  reason=f"transformers {transformers.__version__}: Trainer has no _get_grad_norm")
