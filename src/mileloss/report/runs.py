@@ -170,6 +170,10 @@ class RunRecord:
     def group_key(self) -> tuple:
         # default=str: YAML values that JSON has no type for (dates) still compare
         flat = _flatten(self.config) if self.config else {"loss": json.dumps(self.loss, sort_keys=True, default=str)}
+        identity = self.run_info.get("data")
+        if isinstance(identity, dict) and identity.get("manifest_sha256") and "data.dir" in flat:
+            # the same data prepared in two folders (two reproduce runs) is the same data: compare what it holds
+            flat["data.dir"] = {k: identity.get(k) for k in ("manifest_sha256", "tokenizer_sha256", "vocab_size")}
         return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in flat.items()
                             if k not in NON_SEMANTIC_KEYS))
 
