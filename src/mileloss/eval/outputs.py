@@ -14,9 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mileloss.errors import OutputFolderError
-from mileloss.run_folder import is_temp_of, read_json_object, write_atomic  # noqa: F401  (report's imports)
 
-__all__ = ["check_output_folder", "create_output_folder", "is_temp_of", "read_json_object", "write_atomic"]
+__all__ = ["check_output_folder", "create_output_folder"]
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -32,9 +32,18 @@ from mileloss.eval.checkpoint import (
 )
 from mileloss.eval.lm_eval_bridge import DEFAULT_TASKS, parse_task_list, run_lm_eval
 from mileloss.eval.lm_eval_bridge import benchmark_root as find_benchmark_files
-from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
+from mileloss.eval.outputs import check_output_folder, create_output_folder
 from mileloss.eval.perplexity import evaluate_perplexity, write_blocks
-from mileloss.run_folder import BLOCKS, LM_EVAL, PERPLEXITY, RunFolder, data_identity
+from mileloss.run_folder import (
+    BLOCKS,
+    LM_EVAL,
+    PERPLEXITY,
+    RunFolder,
+    data_identity,
+    is_temp_of,
+    read_json_object,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 

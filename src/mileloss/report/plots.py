@@ -22,10 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from mileloss.eval.outputs import write_atomic  # noqa: E402
 from mileloss.report.intervals import GroupIntervals  # noqa: E402
 from mileloss.report.runs import RunGroup  # noqa: E402
 from mileloss.report.tables import Stat, reference_group, reported_buckets, task_names  # noqa: E402
+from mileloss.run_folder import write_atomic  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -21,13 +21,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mileloss.errors import ConfigError, OutputFolderError
-from mileloss.eval.outputs import check_output_folder, create_output_folder, is_temp_of, read_json_object, write_atomic
+from mileloss.eval.outputs import check_output_folder, create_output_folder
 from mileloss.report.data_check import DataCheck, check_same_data
 from mileloss.report.intervals import DEFAULT_RESAMPLES, METHOD, REFERENCES, GroupIntervals, group_intervals
 from mileloss.report.plots import FIGURES, write_plots
 from mileloss.report.runs import ReportError, RunGroup, group_runs, load_run
 from mileloss.report.sweep import coincidence_lines, plot_sweep, sweep_points, sweep_table
 from mileloss.report.tables import MISSING, Table, comparison_table, interval_verdicts, reference_group, verdict
+from mileloss.run_folder import is_temp_of, read_json_object, write_atomic
 
 logger = logging.getLogger(__name__)
 
