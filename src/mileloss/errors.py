@@ -337,3 +337,18 @@ class ShardedCheckpointError(ConfigError):
     """``run.parallel=fsdp`` with checkpoints (``run.checkpoint_every`` > 0) or ``--resume``: sharded checkpoints
     in Distributed Checkpoint (DCP) format are not implemented yet; train with ``run.checkpoint_every=0`` or with
     ``run.parallel=ddp``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the global batch and the "will it fit?" plan (appended: a ConfigError, by what the user must fix)
+
+
+class BatchScheduleError(ConfigError):
+    """``run.tokens_per_step`` (the global batch in tokens) is not a whole number of micro-batches
+    (``run.batch_size`` x ``run.seq_len`` x world size), or an explicit ``run.grad_accum_steps`` gives another
+    global batch: change the batch size or the number of processes, or drop one of the two keys."""
+
+
+class PlanError(ConfigError):
+    """``mileloss train --dry-run`` cannot plan the run: no vocabulary size (set ``model.vocab_size``), or an
+    unreadable ``--gpu-memory`` / ``--world-size``."""
