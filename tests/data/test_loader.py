@@ -104,3 +104,20 @@ def test_eval_batches_stop_at_max_batches_and_can_drop_the_partial_window(data_d
     full_only = list(iter_eval_batches(data_dir, split="val", batch_size=2, seq_len=16, pad_last=False))
     assert sum(ids.shape[0] for ids, _ in full_only) == 5
     assert all(bool((labels != -100).all()) for _, labels in full_only)
+
+
+@pytest.mark.parametrize("tail, shapes", [("pad", [(2, 4), (1, 4)]), ("short", [(2, 4), (1, 2)]), ("drop", [(2, 4)])])
+def test_token_windows_tail_modes_cover_every_target_once_or_drop_the_tail(tail, shapes):
+    from mileloss.data.loader import iter_token_windows
+
+    tokens = np.arange(11)  # 2 full windows of 4 predict tokens 1..8; the tail predicts 9 and 10
+    batches_ = list(iter_token_windows(tokens, seq_len=4, batch_size=2, tail=tail, pad_id=99))
+    assert [inputs.shape for inputs, _ in batches_] == shapes
+    targets = np.concatenate([t.reshape(-1) for _, t in batches_])
+    inputs = np.concatenate([i.reshape(-1) for i, _ in batches_])
+    kept = targets != -100
+    expected = list(range(1, 9)) if tail == "drop" else list(range(1, 11))
+    assert targets[kept].tolist() == expected
+    assert inputs[kept].tolist() == [t - 1 for t in expected]
+    if tail == "pad":
+        assert inputs[~kept].tolist() == [99, 99]

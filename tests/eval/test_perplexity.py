@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from mileloss.data.loader import iter_token_windows
 from mileloss.eval.buckets import frequency_buckets
 from mileloss.eval.perplexity import (
     evaluate_perplexity,
     expected_calibration_error,
     head_token_statistics,
-    iter_windows,
     summarize_token_statistics,
 )
 
@@ -107,7 +107,7 @@ def test_head_token_statistics_take_the_max_pass_in_row_chunks(monkeypatch):
 
 def test_windows_predict_every_token_but_the_first_exactly_once():
     tokens = np.arange(11)
-    batches = list(iter_windows(tokens, seq_len=4, batch_size=3))
+    batches = list(iter_token_windows(tokens, seq_len=4, batch_size=3, tail="short"))
     assert [b[0].shape for b in batches] == [(2, 4), (1, 2)]
     assert np.concatenate([t.reshape(-1) for _, t in batches]).tolist() == list(range(1, 11))
     assert np.concatenate([i.reshape(-1) for i, _ in batches]).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]

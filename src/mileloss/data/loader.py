@@ -149,6 +149,50 @@ class TokenBatchLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+def iter_token_windows(
+    tokens, seq_len: int, batch_size: int, *, tail: str = "pad", pad_id: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Sequential, non-overlapping windows over a 1-D token array: the one window iterator of the package.
+
+    Windows start at ``0, seq_len, 2 * seq_len, ...`` as in training, in order, ``batch_size`` per batch. The
+    ``W = (L - 1) // seq_len`` full windows predict ``W * seq_len`` tokens; the ``tail`` option says what
+    happens to the targets after them:
+
+    - ``"pad"``: one more row of width ``seq_len``, ``pad_id`` in the inputs and ``-100`` (ignore) in the
+      targets after its last real position, appended to the last batch (fixed shapes, e.g. for DDP);
+    - ``"short"``: one more window of its own width ``< seq_len``, alone in a final batch (no padding);
+    - ``"drop"``: nothing; the tail's targets are not predicted.
+
+    With ``"pad"`` or ``"short"``, every token but the first is a target exactly once.
+
+    Yields:
+        ``(inputs, targets)``, int64 ``(rows, width)`` arrays; ``targets[:, t]`` is the token after ``inputs[:, t]``.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+    if tail not in ("pad", "short", "drop"):
+        raise ValueError(f"tail must be 'pad', 'short' or 'drop', got {tail!r}")
+    num_tokens = len(tokens)
+    num_windows = max(num_tokens - 1, 0) // seq_len
+    tail_tokens = np.asarray(tokens[num_windows * seq_len : num_tokens], dtype=np.int64)  # its first is an input
+    has_tail = tail != "drop" and len(tail_tokens) > 1
+    padded_rows = num_windows + (1 if has_tail and tail == "pad" else 0)
+    for first in range(0, padded_rows, batch_size):
+        rows = np.arange(first, min(first + batch_size, padded_rows))
+        full = rows[rows < num_windows]
+        windows = _windows(tokens, full * seq_len, seq_len + 1)
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        if len(full) < len(rows):  # the padded tail row
+            pad_inputs = np.full((1, seq_len), pad_id, dtype=np.int64)
+            pad_targets = np.full((1, seq_len), -100, dtype=np.int64)
+            pad_inputs[0, : len(tail_tokens) - 1] = tail_tokens[:-1]
+            pad_targets[0, : len(tail_tokens) - 1] = tail_tokens[1:]
+            inputs, targets = np.concatenate([inputs, pad_inputs]), np.concatenate([targets, pad_targets])
+        yield np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
+    if has_tail and tail == "short":
+        yield tail_tokens[None, :-1], tail_tokens[None, 1:]
+
+
 def iter_eval_batches(
     data_dir_or_manifest,
     split: str = "val",
@@ -157,12 +201,10 @@ def iter_eval_batches(
     max_batches: int | None = None,
     pad_last: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Sequential, non-overlapping windows covering a split, for validation and perplexity.
+    """:func:`iter_token_windows` over a split, as tensors, for validation during training.
 
-    Windows start at ``0, seq_len, 2 * seq_len, ...`` as in training, in order, ``batch_size`` per batch
-    (the last batch may be smaller). With ``pad_last``, the tokens left after the last full window
-    form one more row, padded with eos in ``input_ids`` and ``-100`` (ignore) in ``labels``, so every
-    token but the first is predicted exactly once.
+    With ``pad_last``, the tokens left after the last full window form one more row, padded with eos in
+    ``input_ids`` and ``-100`` (ignore) in ``labels``, so every token but the first is predicted exactly once.
 
     Yields:
         ``(input_ids, labels)``, ``torch.LongTensor (rows, seq_len)`` each.
@@ -174,23 +216,10 @@ def iter_eval_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     manifest = as_manifest(data_dir_or_manifest)
     tokens = read_split(manifest, split)
-    num_tokens = len(tokens)
-    num_windows = _num_windows(num_tokens, seq_len, split, manifest)
-    leftover = num_tokens - 1 - num_windows * seq_len  # targets not covered by a full window
-    total_rows = num_windows + (1 if pad_last and leftover > 0 else 0)
-    for batch_index, first in enumerate(range(0, total_rows, batch_size)):
+    _num_windows(len(tokens), seq_len, split, manifest)
+    windows = iter_token_windows(tokens, seq_len, batch_size, tail="pad" if pad_last else "drop",
+                                 pad_id=manifest.eos_token_id)
+    for batch_index, (input_ids, labels) in enumerate(windows):
         if max_batches is not None and batch_index >= max_batches:
             return
-        rows = np.arange(first, min(first + batch_size, total_rows))
-        full = rows[rows < num_windows]
-        windows = _windows(tokens, full * seq_len, seq_len + 1)
-        input_ids, labels = windows[:, :-1], windows[:, 1:]
-        if len(full) < len(rows):  # the padded tail row
-            start = num_windows * seq_len
-            tail = np.asarray(tokens[start:num_tokens], dtype=np.int64)
-            pad_input = np.full((1, seq_len), manifest.eos_token_id, dtype=np.int64)
-            pad_labels = np.full((1, seq_len), -100, dtype=np.int64)
-            pad_input[0, : len(tail) - 1] = tail[:-1]
-            pad_labels[0, : len(tail) - 1] = tail[1:]
-            input_ids, labels = np.concatenate([input_ids, pad_input]), np.concatenate([labels, pad_labels])
-        yield torch.from_numpy(np.ascontiguousarray(input_ids)), torch.from_numpy(np.ascontiguousarray(labels))
+        yield torch.from_numpy(input_ids), torch.from_numpy(labels)

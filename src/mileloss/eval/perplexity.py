@@ -36,13 +36,13 @@ import io
 import logging
 import math
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mileloss.data.loader import iter_token_windows
 from mileloss.errors import BlocksFileError, CheckpointError
 from mileloss.eval.buckets import FrequencyBuckets
 
@@ -59,7 +59,6 @@ __all__ = [
     "collect_token_statistics",
     "evaluate_perplexity",
     "expected_calibration_error",
-    "iter_windows",
     "head_token_statistics",
     "summarize_token_statistics",
     "token_weight",
@@ -125,32 +124,6 @@ def head_token_statistics(
     }
 
 
-def iter_windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Consecutive evaluation windows over a 1-D token array.
-
-    Args:
-        tokens: (L,) token ids.
-        seq_len: positions per window T (the model's context length).
-        batch_size: windows per yielded batch.
-
-    Yields:
-        ``(inputs, targets)``, each (B, T) int64; the last window of the array may be shorter, and then comes
-        alone in its own batch so that no padding is ever needed.
-    """
-    if seq_len < 1 or batch_size < 1:
-        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
-    num_predicted = len(tokens) - 1
-    starts = list(range(0, max(num_predicted, 0), seq_len))
-    full = [s for s in starts if s + seq_len <= num_predicted]
-    for i in range(0, len(full), batch_size):
-        chunk = full[i : i + batch_size]
-        windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in chunk])
-        yield windows[:, :-1], windows[:, 1:]
-    if len(full) < len(starts):  # the tail window, shorter than seq_len
-        tail = np.asarray(tokens[starts[-1] :], dtype=np.int64)[None, :]
-        yield tail[:, :-1], tail[:, 1:]
-
-
 def _model_parts(model: torch.nn.Module):
     """(body returning ``last_hidden_state``, LM-head weight, LM-head bias) of a Hugging Face causal LM."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -210,7 +183,7 @@ def collect_token_statistics(
     parts: list[dict[str, np.ndarray]] = []
     num_windows = math.ceil(max(len(tokens) - 1, 0) / seq_len)
     with tqdm(total=num_windows, desc="perplexity", unit="window", leave=False) as progress:
-        for inputs, targets in iter_windows(tokens, seq_len, batch_size):
+        for inputs, targets in iter_token_windows(tokens, seq_len, batch_size, tail="short"):
             inputs_t = torch.from_numpy(inputs).to(device)
             if not parts:
                 _check_logits_are_the_head_of_the_hidden_states(model, body, weight, bias, inputs_t)
