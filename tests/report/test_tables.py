@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from mileloss.report.intervals import GroupIntervals, Interval
 from mileloss.report.runs import RunRecord, group_runs
 from mileloss.report.tables import Stat, comparison_table, verdict
 
@@ -40,3 +41,18 @@ def test_verdict_without_a_ce_run_reports_values_without_deltas():
     text = verdict(groups, metrics)
     assert text.startswith("MiLe γ=1 σ=1 has the lowest perplexity on the low-frequency bucket (rarest tokens; 9.000)")
     assert "vs CE" not in text
+
+
+def test_verdict_judges_a_difference_by_its_paired_interval_where_there_is_one():
+    # the seed spread (10 vs 14) covers the 4 % difference, but the paired interval excludes 0: the verdict
+    # quotes the interval, not the unpaired spread; a bucket without an interval keeps the spread's reading
+    groups = group_runs([_run("a", "ce", 0, 10), _run("c", "ce", 1, 14), _run("b", "mile", 0, 11.5)])
+    _, metrics = comparison_table(groups)
+    paired = GroupIntervals(intervals={"low": Interval(-4.0, -6.5, -1.25, 2, 64)}, pairs=[], notes=[])
+    text = verdict(groups, metrics, {"MiLe γ=1 σ=1": paired})
+    assert "11.500 vs CE 12.000, −4.17%, paired: lower, 95 % CI [−6.50 %, −1.25 %])" in text
+    assert "within seed noise" not in text.split(";")[0]
+    same = GroupIntervals(intervals={"low": Interval(-4.0, -6.5, 0.5, 2, 64)}, pairs=[], notes=[])
+    assert "paired: no detectable difference (95 % CI [−6.50 %, +0.50 %])" in verdict(
+        groups, metrics, {"MiLe γ=1 σ=1": same})
+    assert "within seed noise" in verdict(groups, metrics, {"MiLe γ=1 σ=1": GroupIntervals({}, [], [])})

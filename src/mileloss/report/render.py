@@ -208,7 +208,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, allow_m
     intervals = (group_intervals(groups, reference_group(groups), resamples=bootstrap, seed=bootstrap_seed,
                                  allow_mismatch=allow_mixed_data) if bootstrap else None)
     table, metrics = comparison_table(groups, intervals)
-    summary = verdict(groups, metrics)
+    summary = verdict(groups, metrics, intervals)
     interval_lines = interval_verdicts(groups, intervals) if intervals else []
     method = METHOD.format(resamples=bootstrap, seed=bootstrap_seed) if intervals else None
     create_output_folder(out)

@@ -235,11 +235,16 @@ def _within_noise(a: Stat, b: Stat) -> bool:
     return spread > 0 and abs(a.mean - b.mean) <= spread
 
 
-def verdict(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]]) -> str:
+def verdict(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]],
+            intervals: dict[str, GroupIntervals] | None = None) -> str:
     """One sentence saying which loss did best on which frequency bucket, compared with CE.
 
     e.g. "MiLe γ=1 σ=1 has the lowest perplexity on the low-frequency bucket (15.371 vs CE 15.517, −0.94%);
     high: CE (4.390); overall: MiLe γ=1 σ=1 (7.12 vs CE 7.15, −0.42%); best benchmark average: ..."
+
+    A perplexity difference is judged by the group's paired 95 % interval vs CE where ``intervals`` has one
+    ("paired: lower, 95 % CI [...]"): the seed spread of the absolute perplexities ("within seed noise", the
+    fallback) contains the seed-to-seed variation that pairing by seed removes.
     """
     buckets = reported_buckets(groups)
     reference = reference_group(groups)
@@ -260,7 +265,11 @@ def verdict(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]]) -> str:
             change = (f"{100 * (stat.mean - ref[key].mean):+.1f} pt" if points
                       else f"{100 * (stat.mean - ref[key].mean) / ref[key].mean:+.2f}%")
             detail += f" vs CE {format(ref[key].mean, spec)}, {change}".replace("-", "−")
-            if _within_noise(stat, ref[key]):
+            found = intervals.get(group.label) if intervals and key.startswith("ppl/") else None
+            interval = found.intervals.get(key.split("/", 1)[1]) if found is not None else None
+            if interval is not None:
+                detail += f", paired: {format_interval(interval)}"
+            elif _within_noise(stat, ref[key]):
                 detail += ", within seed noise"
         return group.label, detail
 
