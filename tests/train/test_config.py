@@ -76,7 +76,76 @@ def test_shipped_paper_configs_use_the_paper_optimizer():
     config = load_config("468M")
     assert (config.optim.lr, config.optim.betas, config.optim.weight_decay, config.optim.warmup_steps) == (
         3e-4, (0.9, 0.95), 0.1, 2000)
-    assert (config.run.batch_size, config.run.grad_accum_steps, config.run.seq_len) == (32, 2, 1024)
+    assert (config.run.batch_size, config.run.tokens_per_step, config.run.seq_len) == (32, 1_048_576, 1024)
+    assert config.run.grad_accum_steps is None  # derived at start-up from tokens_per_step and the world size
+
+
+@pytest.mark.parametrize(("name", "tokens_per_step", "steps", "gpus", "accum"), [
+    ("468M", 1_048_576, 100_000, 16, 2), ("1.2B", 1_048_576, 100_000, 32, 2), ("6.7B", 4_194_304, 25_000, 128, 1)])
+def test_paper_presets_follow_the_paper_schedule(name, tokens_per_step, steps, gpus, accum):
+    from mileloss.train.preflight import resolve_schedule
+
+    config = load_config(name)
+    assert (config.run.tokens_per_step, config.run.max_steps) == (tokens_per_step, steps)
+    # the paper's GPU count gives the paper's accumulation (paper.md: 32x2x16, 16x2x32, 16x1x128)
+    resolved = resolve_schedule(config, gpus)
+    assert resolved.run.grad_accum_steps == accum
+    run = resolved.run
+    assert run.batch_size * run.seq_len * run.grad_accum_steps * gpus == tokens_per_step
+    assert 104e9 < tokens_per_step * steps < 106e9  # ~105B tokens each
+
+
+def test_grad_accum_is_derived_from_tokens_per_step_and_the_world_size():
+    from mileloss.train.config import derive_grad_accum_steps
+
+    config = load_config(None, ["run.batch_size=4", "run.seq_len=128", "run.tokens_per_step=4096"])
+    assert [derive_grad_accum_steps(config.run, 128, world) for world in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    # without tokens_per_step: grad_accum_steps as given, 1 when unset
+    assert derive_grad_accum_steps(load_config(None, ["run.grad_accum_steps=3"]).run, 128, 4) == 3
+    assert derive_grad_accum_steps(load_config(None).run, 128, 4) == 1
+
+
+def test_tokens_per_step_that_does_not_divide_is_a_named_error():
+    from mileloss.errors import BatchScheduleError, ConfigError
+    from mileloss.train.config import derive_grad_accum_steps
+
+    config = load_config(None, ["run.batch_size=4", "run.seq_len=128", "run.tokens_per_step=4096"])
+    with pytest.raises(BatchScheduleError, match=r"run.tokens_per_step=4,096 .* 3 process\(es\) = 1,536 .*3072 or 4608"):
+        derive_grad_accum_steps(config.run, 128, 3)
+    with pytest.raises(BatchScheduleError, match=r"choose run.tokens_per_step=8192"):  # one micro-batch is too big
+        derive_grad_accum_steps(config.run, 128, 16)
+    assert issubclass(BatchScheduleError, ConfigError)
+
+
+def test_tokens_per_step_and_grad_accum_must_agree_when_both_are_set():
+    from mileloss.errors import BatchScheduleError
+    from mileloss.train.config import derive_grad_accum_steps
+
+    agree = load_config(None, ["run.batch_size=4", "run.seq_len=128", "run.tokens_per_step=4096",
+                               "run.grad_accum_steps=4"])
+    assert derive_grad_accum_steps(agree.run, 128, 2) == 4  # a saved, resolved config has both: it reloads
+    disagree = load_config(None, ["run.batch_size=4", "run.seq_len=128", "run.tokens_per_step=4096",
+                                  "run.grad_accum_steps=2"])
+    with pytest.raises(BatchScheduleError, match=r"run.grad_accum_steps=2 gives 2,048 .* needs 4: set "
+                                                 r"run.grad_accum_steps=null"):
+        derive_grad_accum_steps(disagree.run, 128, 2)
+
+
+def test_bad_tokens_per_step_values_name_the_key():
+    for value in ("0", "-4096", "1.5", "true", "lots"):
+        with pytest.raises(ConfigValueError, match="run.tokens_per_step"):
+            load_config(None, [f"run.tokens_per_step={value}"])
+    with pytest.raises(ConfigValueError, match="run.grad_accum_steps"):
+        load_config(None, ["run.grad_accum_steps=0"])
+
+
+def test_train_refuses_a_tokens_per_step_that_does_not_divide_before_touching_run_out(tmp_path, capsys, data_dir):
+    out = tmp_path / "run"
+    code = train_main(["tiny", f"data.dir={data_dir}", f"run.out={out}", "run.batch_size=4", "run.seq_len=32",
+                       "run.tokens_per_step=1000", "run.max_steps=1"])
+    assert code == 2
+    assert "run.tokens_per_step=1,000 is not a whole number of micro-batches" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_overrides_in_both_spellings_are_typed_by_the_field():

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from mileloss.errors import (
+    BatchScheduleError,
     ConfigError,
     ConfigKeyError,
     ConfigNotFoundError,
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigNotFoundError",
     "apply_overrides",
     "config_presets",
+    "derive_grad_accum_steps",
     "load_config",
     "preset_config_path",
     "resolve_config",
@@ -209,8 +211,15 @@ class RunConfig:
     """Sequences per micro-batch per process."""
     seq_len: int | None = None
     """Tokens per sequence (``null``: the model preset's context length)."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step; tokens per step = batch_size * seq_len * grad_accum_steps * world size."""
+    tokens_per_step: int | None = None
+    """Global batch in tokens per optimizer step (the paper: 1,048,576 for 468M and 1.2B, 4,194,304 for 6.7B).
+    When set, ``grad_accum_steps`` is derived at start-up: tokens_per_step / (batch_size * seq_len * world size),
+    which must be a whole number (else :class:`~mileloss.errors.BatchScheduleError`); the same config then keeps
+    the same global batch on 8 or 128 GPUs. ``null``: the global batch follows from ``grad_accum_steps``."""
+    grad_accum_steps: int | None = None
+    """Micro-batches per optimizer step; tokens per step = batch_size * seq_len * grad_accum_steps * world size.
+    ``null``: derived from ``tokens_per_step`` when that is set, else 1. Set both only if they agree (the
+    resolved config a run saves has both); ``tokens_per_step`` is the one the run honours."""
     eval_every: int = 100
     """Validate every this many steps (0: only at the end)."""
     eval_batches: int = 20
@@ -254,7 +263,10 @@ class RunConfig:
         _check(self.max_tokens is None or self.max_tokens > 0, "run.max_tokens", f"must be > 0, got {self.max_tokens}")
         _check(self.batch_size > 0, "run.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.seq_len is None or self.seq_len > 1, "run.seq_len", f"must be > 1, got {self.seq_len}")
-        _check(self.grad_accum_steps > 0, "run.grad_accum_steps", f"must be > 0, got {self.grad_accum_steps}")
+        _check(self.grad_accum_steps is None or self.grad_accum_steps > 0, "run.grad_accum_steps",
+               f"must be > 0, got {self.grad_accum_steps}")
+        _check(self.tokens_per_step is None or self.tokens_per_step > 0, "run.tokens_per_step",
+               f"must be > 0, got {self.tokens_per_step}")
         for key in ("eval_every", "checkpoint_every", "log_every"):
             _check(getattr(self, key) >= 0, f"run.{key}", f"must be >= 0 (0: never), got {getattr(self, key)}")
         _check(self.eval_batches > 0, "run.eval_batches", f"must be > 0, got {self.eval_batches}")
@@ -443,6 +455,39 @@ def _parse_override(key: str, text: Any) -> Any:
     except yaml.YAMLError as error:
         reason = str(error).splitlines()[0]
         raise ConfigValueError(f"{key}: cannot read {text!r} ({reason})") from None
+
+
+def derive_grad_accum_steps(run: RunConfig, seq_len: int, world_size: int) -> int:
+    """Micro-batches per optimizer step for ``world_size`` processes with sequences of ``seq_len`` tokens.
+
+    With ``run.tokens_per_step`` set: ``tokens_per_step / (batch_size * seq_len * world_size)``, which must be a
+    positive whole number; an explicit ``run.grad_accum_steps`` must then give the same global batch. Without it:
+    ``run.grad_accum_steps`` (``null``: 1).
+
+    Raises:
+        BatchScheduleError: the division leaves a remainder or a zero, or the two keys disagree; the message
+            names the numbers and the nearest global batches that divide.
+    """
+    if world_size < 1:
+        raise ConfigValueError(f"world size must be >= 1, got {world_size}")
+    if run.tokens_per_step is None:
+        return run.grad_accum_steps if run.grad_accum_steps is not None else 1
+    micro = run.batch_size * seq_len * world_size
+    accum, remainder = divmod(run.tokens_per_step, micro)
+    where = (f"run.batch_size={run.batch_size} x run.seq_len={seq_len} x {world_size} process(es) = {micro:,} "
+             f"tokens per micro-batch")
+    if remainder or accum == 0:
+        lower, upper = accum * micro, (accum + 1) * micro
+        nearest = f"{upper:,}" if accum == 0 else f"{lower:,} or {upper:,}"
+        raise BatchScheduleError(
+            f"run.tokens_per_step={run.tokens_per_step:,} is not a whole number of micro-batches ({where}): "
+            f"choose run.tokens_per_step={nearest.replace(',', '')}, or a batch size / process count that divides it")
+    if run.grad_accum_steps is not None and run.grad_accum_steps != accum:
+        raise BatchScheduleError(
+            f"run.grad_accum_steps={run.grad_accum_steps} gives {run.grad_accum_steps * micro:,} tokens per step but "
+            f"run.tokens_per_step={run.tokens_per_step:,} ({where}) needs {accum}: set run.grad_accum_steps=null "
+            f"(derived) or run.tokens_per_step=null")
+    return accum
 
 
 PRESET_CONFIG_PACKAGE = "mileloss"

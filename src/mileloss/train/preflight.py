@@ -21,13 +21,14 @@ import torch
 
 from mileloss.errors import PreflightError, ResumeMismatchError, VocabMismatchError
 from mileloss.models import get_preset
-from mileloss.train.config import TrainConfig
+from mileloss.train.config import TrainConfig, derive_grad_accum_steps
 from mileloss.train.distributed import DistributedContext
 from mileloss.train.rundir import check_out_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreflightError", "VocabMismatchError", "ResumeMismatchError", "PreparedRun", "prepare_run"]
+__all__ = ["PreflightError", "VocabMismatchError", "ResumeMismatchError", "PreparedRun", "prepare_run",
+           "resolve_schedule"]
 
 
 @dataclasses.dataclass
@@ -114,23 +115,35 @@ def check_tokenizer(manifest) -> None:
         )
 
 
+def resolve_schedule(config: TrainConfig, world_size: int) -> TrainConfig:
+    """Fill in ``run.seq_len`` (the preset's), ``run.grad_accum_steps`` (derived from ``run.tokens_per_step`` for
+    ``world_size`` processes, see :func:`~mileloss.train.config.derive_grad_accum_steps`) and ``run.max_steps``
+    (from ``run.max_tokens``). Needs no data: ``mileloss train --dry-run`` plans with it too.
+
+    Raises:
+        BatchScheduleError: ``run.tokens_per_step`` is not a whole number of micro-batches, or disagrees with an
+            explicit ``run.grad_accum_steps``.
+    """
+    run = config.run
+    seq_len = run.seq_len or get_preset(config.model.preset).seq_len
+    accum = derive_grad_accum_steps(run, seq_len, world_size)
+    max_steps = run.max_steps
+    if run.max_tokens is not None:
+        max_steps = math.ceil(run.max_tokens / (run.batch_size * seq_len * accum * world_size))
+    return dataclasses.replace(
+        config, run=dataclasses.replace(run, seq_len=seq_len, max_steps=max_steps, grad_accum_steps=accum))
+
+
 def resolve_config(config: TrainConfig, manifest, world_size: int) -> TrainConfig:
-    """Fill in ``model.vocab_size``, ``run.seq_len`` and ``run.max_steps`` (from ``run.max_tokens``)."""
-    model, run = config.model, config.run
+    """Fill in ``model.vocab_size`` (from the data) and the schedule (:func:`resolve_schedule`)."""
+    model = config.model
     if model.vocab_size is not None and model.vocab_size != manifest.vocab_size:
         raise VocabMismatchError(
             f"model.vocab_size={model.vocab_size} but the data manifest {manifest.path} has vocab_size="
             f"{manifest.vocab_size}; remove model.vocab_size to take it from the data"
         )
-    seq_len = run.seq_len or get_preset(model.preset).seq_len
-    max_steps = run.max_steps
-    if run.max_tokens is not None:
-        max_steps = math.ceil(run.max_tokens / (run.batch_size * seq_len * run.grad_accum_steps * world_size))
-    return dataclasses.replace(
-        config,
-        model=dataclasses.replace(model, vocab_size=manifest.vocab_size),
-        run=dataclasses.replace(run, seq_len=seq_len, max_steps=max_steps),
-    )
+    config = dataclasses.replace(config, model=dataclasses.replace(model, vocab_size=manifest.vocab_size))
+    return resolve_schedule(config, world_size)
 
 
 def prepare_run(config: TrainConfig, context: DistributedContext, device: torch.device) -> PreparedRun:
@@ -212,7 +225,11 @@ def check_resume_compatible(saved: dict[str, dict], current: TrainConfig, path: 
         steps, tokens = saved["run"]["max_steps"], saved["run"].get("max_tokens")
         keep = keep.replace(f"run.max_steps={steps!r}", f"run.max_tokens={tokens!r}" if tokens is not None
                             else f"run.max_tokens=null run.max_steps={steps!r}")
+    derived = ""
+    if "run.grad_accum_steps" in {key for key, _, _ in differences} and current.run.tokens_per_step is not None:
+        derived = (" (run.grad_accum_steps is derived from run.tokens_per_step / (run.batch_size x run.seq_len x "
+                   "world size): resume with the batch size and number of processes the run started with)")
     raise ResumeMismatchError(
-        f"cannot resume from {path}: the config differs in {listed}{why}; resume with {keep}, or start a new run in "
-        f"another run.out"
+        f"cannot resume from {path}: the config differs in {listed}{why}{derived}; resume with {keep}, or start a "
+        f"new run in another run.out"
     )
