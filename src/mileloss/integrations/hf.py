@@ -155,7 +155,7 @@ def _check_model(model: torch.nn.Module) -> tuple[str, torch.nn.Module | None]:
     if not prefix or not isinstance(getattr(model, prefix, None), torch.nn.Module):
         missing.append(f"a body module at `.{prefix or 'base_model_prefix'}` (the model's base_model_prefix)")
     get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = _innermost(get_head()) if callable(get_head) and get_head() is not None else None
     if type(head) is not torch.nn.Linear and not (isinstance(head, torch.nn.Linear) and type(head).forward is
                                                   torch.nn.Linear.forward):
         missing.append(f"an nn.Linear output embedding from get_output_embeddings() (got "
@@ -184,21 +184,76 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def _check_head_weight(model: torch.nn.Module, weight: torch.Tensor, hidden: torch.Tensor) -> None:
-    """A head weight that is not the whole (V, D) matrix at forward time (FSDP2 DTensor, a ZeRO-3 partition):
-    refused by name rather than fused on a shard."""
-    sharded = None
+def _whole_weight_problem(weight: torch.Tensor, hidden: torch.Tensor) -> str | None:
+    """Why ``weight`` is not the whole (vocab, D) head matrix right now, or None when it is.
+
+    Sharded heads look like this outside the code that gathers them: FSDP2 and tensor parallelism give a
+    ``DTensor`` (it has a ``device_mesh``); DeepSpeed ZeRO-3 a partitioned parameter carrying ``ds_id`` and
+    ``ds_status`` (``NOT_AVAILABLE`` until its module's forward pre-hook fetches it; the data is then a 0-size or
+    partial tensor, the full shape is ``ds_shape``); FSDP1 without ``use_orig_params`` a flattened view."""
     if type(weight).__name__ == "DTensor" or hasattr(weight, "device_mesh"):
-        sharded = "a DTensor (FSDP2 / tensor parallel)"
-    elif hasattr(weight, "ds_id"):
-        sharded = "a DeepSpeed ZeRO-3 parameter"
-    elif weight.dim() != 2 or weight.shape[-1] != hidden.shape[-1]:
-        sharded = f"of shape {tuple(weight.shape)}, not (vocab, {hidden.shape[-1]}) (a flattened or sharded parameter)"
-    if sharded is not None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}'s head weight is {sharded} during forward: apply_mileloss does not gather "
-            "sharded heads yet; keep lm_head unsharded (FSDP: leave it in the root unit or ignored_modules), or "
-            "use ZeRO-2")
+        return f"a DTensor (FSDP2 / tensor parallel, placements {getattr(weight, 'placements', '?')})"
+    if hasattr(weight, "ds_id"):
+        status = getattr(weight, "ds_status", None)
+        status = getattr(status, "name", status)
+        full = tuple(getattr(weight, "ds_shape", ()) or ())
+        if status != "AVAILABLE" or (full and tuple(weight.shape) != full):
+            return (f"a DeepSpeed ZeRO-3 partition (ds_status {status}, data {tuple(weight.shape)}, ds_shape "
+                    f"{full or '?'})")
+    if weight.dim() != 2 or weight.shape[-1] != hidden.shape[-1]:
+        return f"of shape {tuple(weight.shape)}, not (vocab, {hidden.shape[-1]}) (a flattened or sharded parameter)"
+    return None
+
+
+def _innermost(head: torch.nn.Module) -> torch.nn.Module:
+    """The module inside FSDP1 / activation-checkpoint wrappers (whose own forward calls the wrapped one)."""
+    for attribute in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+        while isinstance(getattr(head, attribute, None), torch.nn.Module):
+            head = getattr(head, attribute)
+    return head
+
+
+def _inside_head_call(model: torch.nn.Module, head: torch.nn.Module, hidden: torch.Tensor, problem: str, compute):
+    """Run ``compute(hidden, linear)`` as the head module's forward, so that what gathers a sharded head for its
+    forward runs around it: FSDP2's pre-forward unshard (and its backward hooks, which reduce-scatter the
+    gradient), DeepSpeed ZeRO-3's pre-forward fetch, FSDP1's unshard. If the weight is still not whole inside
+    (tensor parallelism, a gather that did not happen), refuse rather than fuse on a shard.
+
+    Returns what ``compute`` returned: (loss, stats); the loss is the value the head's call returns, so the
+    backward hooks those wrappers attach to the module's outputs fire."""
+    linear = _innermost(head)
+    captured = {}
+
+    def forward(hidden_inside):
+        inner_problem = _whole_weight_problem(linear.weight, hidden_inside)
+        if inner_problem is not None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s head weight is {problem} at forward and still {inner_problem} inside "
+                "the head module's own forward, so nothing gathers it: apply_mileloss fuses a head that FSDP "
+                "(fully_shard / FullyShardedDataParallel) or DeepSpeed ZeRO-3 gathers for its forward, not a "
+                "tensor-parallel head; keep lm_head replicated or unpatch the model")
+        loss, stats = compute(hidden_inside, linear)
+        captured["stats"] = stats
+        return loss
+
+    had_own = "forward" in vars(linear)
+    own = vars(linear).get("forward")
+    linear.forward = forward
+    try:
+        loss = head(hidden)
+    finally:
+        if had_own:
+            linear.forward = own
+        else:
+            del linear.forward
+    return loss.float() if loss.dtype != torch.float64 else loss, captured["stats"]
+
+
+def _head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head runs in: inside ``torch.autocast``, the autocast dtype (what HF's ``nn.Linear`` head
+    would use); outside, the wider of the hidden states' and the weight's dtypes, so that an fp32 head on a bf16
+    body is never computed in bf16 (HF's own ``nn.Linear`` would refuse the mix)."""
+    return _autocast_dtype(hidden.device.type) or torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
@@ -278,23 +333,28 @@ def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logit
     if targets is None:
         targets = shift_labels(labels, options["ignore_index"])
     head = self.get_output_embeddings()
-    _check_head_weight(self, head.weight, hidden)
-    # the head's dtype: what HF's own forward would use, the autocast dtype inside autocast, else the hidden dtype
-    dtype = _autocast_dtype(hidden.device.type) or hidden.dtype
-    hidden = hidden.to(dtype)
-    weight = head.weight.to(dtype)
-    bias = None if head.bias is None else head.bias.to(dtype)
     # MiLeTrainer collects the exact normaliser: in training it asks for the unnormalised sum (times a fixed scale)
     collector = getattr(self, "_mileloss_collector", None)
     summing = collector is not None and self.training and torch.is_grad_enabled()
     softcap = options["softcap"]
-    with torch.autocast(hidden.device.type, enabled=False):
-        loss, stats = linear_token_weighted_loss(
-            hidden, weight, targets.to(hidden.device), bias, weighting=options["loss"], gamma=options["gamma"],
-            sigma=options["sigma"], ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
-            reduction="sum" if summing else "mean", return_stats=True, **({} if softcap is None else
-                                                                          {"softcap": softcap}),
-        )
+
+    def compute(hidden, linear):
+        dtype = _head_dtype(hidden, linear.weight)
+        bias = None if linear.bias is None else linear.bias.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_token_weighted_loss(
+                hidden.to(dtype), linear.weight.to(dtype), targets.to(hidden.device), bias,
+                weighting=options["loss"], gamma=options["gamma"], sigma=options["sigma"],
+                ignore_index=options["ignore_index"], chunk_size=options["chunk_size"],
+                reduction="sum" if summing else "mean", return_stats=True,
+                **({} if softcap is None else {"softcap": softcap}),
+            )
+
+    problem = _whole_weight_problem(_innermost(head).weight, hidden)
+    if problem is None:  # the whole weight is here (unsharded, or FSDP2's root unit during its forward)
+        loss, stats = compute(hidden, _innermost(head))
+    else:  # sharded: let the head module's own forward hooks gather it
+        loss, stats = _inside_head_call(self, head, hidden, problem, compute)
     if summing:
         loss = loss * collector(stats, num_items_in_batch)
     else:
@@ -353,7 +413,14 @@ def apply_mileloss(
 
     Precision: inside ``torch.autocast`` the head runs in the autocast dtype, as HF's ``nn.Linear`` head would
     (hidden states and weight cast to it; an fp32 weight still gets an fp32 gradient); outside autocast, in the
-    hidden states' dtype. The engine accumulates in fp32 either way.
+    wider of the hidden states' and the weight's dtypes (an fp32 head on a bf16 body runs in fp32). The engine
+    accumulates in fp32 either way.
+
+    Sharded heads: when the head weight is not the whole (vocab, D) matrix at forward time (an FSDP2 ``DTensor``
+    when ``lm_head`` is its own ``fully_shard`` unit, a DeepSpeed ZeRO-3 partition, an FSDP1 flat shard), the
+    fused loss runs as the head module's own forward, so the hooks that gather the weight for that forward (and
+    reduce-scatter its gradient) run around it. With ``lm_head`` in FSDP2's root unit the weight is already whole
+    during the root's forward. A weight that is still sharded inside (tensor parallelism) is refused.
 
     Args:
         model: e.g. a ``transformers.LlamaForCausalLM``.
@@ -367,6 +434,7 @@ def apply_mileloss(
     Raises:
         UnsupportedModelError: an unverified family, a missing body or plain ``nn.Linear`` head (PEFT on the head,
             prompt learning), or a logit transform (softcap, logit scale) the fused loss would not reproduce.
+            At forward: a head weight that nothing gathers (tensor parallel, or no gathering hooks).
     """
     _check_kind(loss)
     wrapper, model = model, _unwrap_peft(model)
