@@ -33,7 +33,6 @@ from mileloss.errors import (
     ConfigKeyError,
     ConfigNotFoundError,
     ConfigValueError,
-    ShardedCheckpointError,
 )
 
 __all__ = [
@@ -246,8 +245,8 @@ class RunConfig:
     ``torch.distributed.fsdp.fully_shard``: one unit per decoder layer plus the root, built on the meta device and
     materialised shard by shard, so each rank holds 1/world of the parameters, gradients and optimizer state;
     choose it when the model does not fit one device under DDP, i.e. 1.2B and 6.7B). The loss and the gradients
-    are those of one process on the whole batch either way. A single process ignores it. Sharded (DCP)
-    checkpoints are not implemented yet: ``fsdp`` needs ``run.checkpoint_every=0`` and no ``--resume``."""
+    are those of one process on the whole batch either way. A single process ignores it. Under ``fsdp`` the
+    checkpoints are sharded (DCP format, ``checkpoints/step_N/``); ``--resume`` takes either kind."""
     reshard_after_forward: bool = True
     """``fsdp`` only: free each layer's gathered parameters after its forward and gather them again in backward
     (less memory, one more all-gather per layer); ``false`` keeps them until backward (ZeRO-2-like)."""
@@ -277,11 +276,6 @@ class RunConfig:
         _check(self.num_threads is None or 0 < self.num_threads <= MAX_THREADS, "run.num_threads",
                f"must be in [1, {MAX_THREADS}], got {self.num_threads}")
         _check(self.parallel in ("ddp", "fsdp"), "run.parallel", f"must be ddp or fsdp, got {self.parallel!r}")
-        if self.parallel == "fsdp" and self.checkpoint_every:
-            raise ShardedCheckpointError(
-                f"run.parallel=fsdp with run.checkpoint_every={self.checkpoint_every}: sharded checkpoints (DCP "
-                "format) are not implemented yet; set run.checkpoint_every=0 (the final model is still exported) or "
-                "use run.parallel=ddp")
 
 
 @dataclasses.dataclass
