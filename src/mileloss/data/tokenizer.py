@@ -1,4 +1,4 @@
-"""Tokenizers: train a byte-level BPE, or load an existing Hugging Face tokenizer folder.
+"""Tokenizers: train a byte-level BPE, or load a pretrained one (a ``tokenizer.json`` file or a folder).
 
 The trained tokenizer is GPT-2 style: text is split by the GPT-2 pre-tokenization regex, mapped to
 bytes (so every string round-trips: ``decode(encode(text)) == text``), and merged by BPE learned on
@@ -7,6 +7,22 @@ adds no special token. Training is deterministic: the same texts and vocabulary 
 ``tokenizer.json`` byte for byte.
 
 Saved folders load with ``transformers.AutoTokenizer.from_pretrained(folder)``.
+
+A pretrained tokenizer (``--tokenizer PATH``) is a local Hugging Face tokenizer folder, or a bare
+``tokenizer.json`` file (e.g. LLaMA's 32000-token vocabulary): for a bare file the eos (and bos, unk) token
+is recognised by name among its special tokens (``EOS_NAMES``, ``BOS_NAMES``); a file whose eos cannot be
+named that way is refused (give a folder whose ``tokenizer_config.json`` names it). Hub ids are not
+fetched: only local paths, and no code from them runs.
+
+Special tokens between documents (``DocumentSpecials``, recorded in the manifest as ``specials`` and
+checked again at train time): the text of a document is encoded with ``add_special_tokens=False`` and
+with special-token strings *inside the text* encoded as plain text (``encode_special_tokens``), so the
+text alone never yields a special id. Around each document we then write what the tokenizer's own
+post-processor would add around a text (its template, found by encoding one probe word with and without
+special tokens), followed by eos unless that template already ends with eos. A GPT-2 style tokenizer
+(ours: the template adds nothing) gives ``text <|endoftext|>`` per document; a LLaMA-style tokenizer
+(template ``<s> $A``) gives ``<s> text </s>``. Each special is inserted once, by us; the
+post-processor itself never runs on the data.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 NUM_BYTES = 256  # the byte-level alphabet; a vocabulary needs these plus eos
+EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")  # in order of preference
+BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>")
+UNK_NAMES = ("<unk>", "<|unk|>")
+PROBE_TEXT = "probe"  # encoded with and without special tokens to read the tokenizer's own template
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2):
@@ -71,16 +92,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
 
 
 def load_tokenizer(path: str | Path):
-    """Load a local Hugging Face tokenizer folder; it must define an eos token.
+    """Load a local Hugging Face tokenizer folder or a bare ``tokenizer.json`` file; it must define an eos token.
 
     Raises:
-        TokenizerError: the folder is missing, does not load, or has no eos token.
+        TokenizerError: the path is missing, does not load, or has no eos token.
     """
+    path = Path(path)
+    if path.is_file():
+        return _load_tokenizer_file(path)
+    if not path.is_dir():
+        raise TokenizerError(f"tokenizer {path} does not exist (give a tokenizer folder or a tokenizer.json file)")
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise TokenizerError(f"tokenizer folder {path} does not exist")
     try:  # a local folder only, and never code from it (auto_map classes need trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises many kinds on a malformed folder; name the folder
@@ -89,6 +112,143 @@ def load_tokenizer(path: str | Path):
     if tokenizer.eos_token_id is None:
         raise TokenizerError(f"tokenizer at {path} has no eos token; documents are separated by eos")
     return tokenizer
+
+
+def _load_tokenizer_file(path: Path):
+    """A bare ``tokenizer.json``: bos/eos/unk recognised by name among its special tokens."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        backend = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises plain Exceptions on a malformed file
+        reason = " ".join(str(error).split())[:300]
+        raise TokenizerError(f"{path}: not a tokenizers JSON file ({reason})") from error
+    specials = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
+
+    def pick(names):
+        return next((name for name in names if name in specials), None)
+
+    eos = pick(EOS_NAMES)
+    if eos is None:
+        raise TokenizerError(
+            f"{path}: no special token named like an eos ({', '.join(EOS_NAMES)}; it has "
+            f"{sorted(specials)[:10]}): give a tokenizer folder whose tokenizer_config.json names eos_token"
+        )
+    kwargs = {"bos_token": pick(BOS_NAMES), "unk_token": pick(UNK_NAMES)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos,
+        clean_up_tokenization_spaces=False,
+        **{key: value for key, value in kwargs.items() if value is not None},
+    )
+
+
+@dataclass(frozen=True)
+class DocumentSpecials:
+    """The special ids written around every document (see the module docstring), as the manifest records them."""
+
+    eos_token: str
+    eos_token_id: int
+    bos_token: str | None
+    bos_token_id: int | None
+    document_start: tuple[int, ...]  # ids before each document's text
+    document_end: tuple[int, ...]  # ids after it (ends with eos_token_id)
+
+    def to_json(self) -> dict:
+        return {
+            "policy": "text encoded without special tokens (special-token strings in the text encoded as text); "
+            "document_start and document_end, from the tokenizer's own template plus eos, inserted around "
+            "every document by mileloss",
+            "eos_token": self.eos_token,
+            "eos_token_id": self.eos_token_id,
+            "bos_token": self.bos_token,
+            "bos_token_id": self.bos_token_id,
+            "document_start": list(self.document_start),
+            "document_end": list(self.document_end),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> DocumentSpecials:
+        return cls(data["eos_token"], data["eos_token_id"], data["bos_token"], data["bos_token_id"],
+                   tuple(data["document_start"]), tuple(data["document_end"]))
+
+    def describe(self) -> str:
+        return (f"before each document {list(self.document_start)}, after it {list(self.document_end)} "
+                f"(eos {self.eos_token!r} = {self.eos_token_id}, bos {self.bos_token!r} = {self.bos_token_id})")
+
+
+def document_specials(tokenizer) -> DocumentSpecials:
+    """What to write around each document for ``tokenizer`` (a ``transformers`` fast tokenizer).
+
+    Raises:
+        TokenizerError: no eos, or a post-processor whose output does not contain the text's own ids.
+    """
+    if tokenizer.eos_token_id is None:
+        raise TokenizerError("the tokenizer has no eos token; documents are separated by eos")
+    backend = tokenizer.backend_tokenizer
+    plain = backend.encode(PROBE_TEXT, add_special_tokens=False).ids
+    templated = backend.encode(PROBE_TEXT, add_special_tokens=True).ids
+    starts = [i for i in range(len(templated) - len(plain) + 1) if templated[i : i + len(plain)] == plain]
+    if not plain or not starts:
+        raise TokenizerError(
+            f"the tokenizer's post-processor turns {plain} into {templated}: not the text with specials around it"
+        )
+    start = tuple(templated[: starts[0]])
+    end = tuple(templated[starts[0] + len(plain) :])
+    eos = int(tokenizer.eos_token_id)
+    if not end or end[-1] != eos:
+        end = (*end, eos)
+    bos_id = tokenizer.bos_token_id
+    return DocumentSpecials(
+        eos_token=str(tokenizer.eos_token),
+        eos_token_id=eos,
+        bos_token=None if tokenizer.bos_token is None else str(tokenizer.bos_token),
+        bos_token_id=None if bos_id is None else int(bos_id),
+        document_start=tuple(int(i) for i in start),
+        document_end=tuple(int(i) for i in end),
+    )
+
+
+def data_tokenizer_json(tokenizer) -> str:
+    """The tokenizer as a JSON string for encoding data: special-token strings in the text stay text."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    return backend.to_str()
+
+
+class TextEncoder:
+    """Encodes text pieces to ids with a tokenizer built from ``data_tokenizer_json`` (picklable by its JSON).
+
+    ``encode_special_tokens`` is not kept by ``to_str``, so it is set again here.
+    """
+
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        self.tokenizer_json = tokenizer_json
+        self.backend = Tokenizer.from_str(tokenizer_json)
+        self.backend.encode_special_tokens = True
+        self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+
+    def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encodings = self._encode(list(texts), add_special_tokens=False)
+        return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
+
+
+def pieces_are_exact(encode) -> bool:
+    """Whether encoding a text cut before a space, piece by piece, gives the ids of the whole text.
+
+    True for byte-level (GPT-2 style) pre-tokenization; a tokenizer that prepends a word marker to every
+    input (SentencePiece/Metaspace style) gives other ids at a cut, which matters only for documents longer
+    than one piece (``mileloss.data.corpora.BLOCK_CHARS``).
+    """
+    text = "one two  three\nfour"
+    whole = encode([text])[0].tolist()
+    cut = encode(["one two", "  three", "\nfour"])
+    return whole == [int(i) for ids in cut for i in ids]
 
 
 def save_tokenizer(tokenizer, folder: str | Path) -> Path:

@@ -1,8 +1,17 @@
 """Tokenize documents once and write them as token shards plus a manifest.
 
-The pass is streaming: documents are read one at a time, encoded in batches (in Rust, in parallel),
-and appended to the current shard of their split; a shard is closed at ``max_shard_tokens``. Memory
-stays bounded by one batch of text, whatever the corpus size.
+The pass is streaming: documents are read one at a time, their pieces (``Document.chunks``) gathered
+into work units of about ``BATCH_CHARS`` characters in corpus order, each unit encoded (in this
+process with ``workers=1``, else by a pool of ``workers`` spawned processes, one tokenizer thread each),
+and the results appended in unit order to the current shard of their split; a shard is closed at
+``max_shard_tokens``. The split, the counts and the order of the ids are decided in this process from
+the document index alone, and a piece's ids do not depend on which unit or process encoded it, so the
+shards are byte-identical for any ``workers``. Memory stays bounded by ``2 * workers + 1`` units of text
+and ids in flight, whatever the corpus size.
+
+Around every document the writer puts ``DocumentSpecials.document_start`` / ``document_end``
+(``mileloss.data.tokenizer``): e.g. nothing / eos for our byte-level BPE, bos / eos for LLaMA-style
+tokenizers.
 
 Train/val split, by document: document i goes to val when ``u(seed, i) < val_fraction``, where
 ``u`` is a uniform number in [0, 1) from a keyed hash (blake2b) of the seed and the index, so the
@@ -23,6 +32,9 @@ import hashlib
 import io
 import logging
 import math
+import multiprocessing
+import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -40,14 +52,15 @@ from mileloss.data.shards import (
     shard_name,
     write_atomic,
 )
-from mileloss.data.tokenizer import encode_batch
-from mileloss.errors import EmptyCorpusError, TokenizerError
+from mileloss.data.tokenizer import DocumentSpecials, TextEncoder, data_tokenizer_json
+from mileloss.errors import ConfigError, EmptyCorpusError, TokenizerError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_TOKENS = 100_000_000
 BATCH_CHARS = 2**20  # text per encode_batch call
 MOVE_BLOCK_TOKENS = 8 * 2**20
+MAX_WORKERS = 256
 
 
 def document_split(seed: int, index: int, val_fraction: float) -> str:
@@ -153,13 +166,64 @@ def _with_last_flag_pieces(document: Document) -> Iterator[tuple[str, bool]]:
     yield current, True
 
 
+_WORKER_ENCODER: TextEncoder | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    """Pool initializer: one tokenizer per worker process, single-threaded (N workers use N cores)."""
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_ENCODER = TextEncoder(tokenizer_json)
+
+
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    return _WORKER_ENCODER(texts)
+
+
+class _Encoding:
+    """Work units encoded in order: inline (``workers=1``) or by a spawned pool, at most ``2 * workers`` pending."""
+
+    def __init__(self, encoder: TextEncoder, workers: int):
+        self.encoder, self.workers = encoder, workers
+        self.pool = None
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # no fork of a process holding Rust threads
+            self.pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder.tokenizer_json,))
+        self.in_flight: deque = deque()
+
+    def submit(self, unit, texts: list[str]) -> Iterator[tuple[object, list[np.ndarray]]]:
+        """Queue one unit; yield ``(unit, ids)`` of the units now done, oldest first."""
+        if self.pool is None:
+            yield unit, self.encoder(texts)
+            return
+        self.in_flight.append((unit, self.pool.apply_async(_encode_in_worker, (texts,))))
+        while len(self.in_flight) > 2 * self.workers:
+            unit, result = self.in_flight.popleft()
+            yield unit, result.get()
+
+    def drain(self) -> Iterator[tuple[object, list[np.ndarray]]]:
+        while self.in_flight:
+            unit, result = self.in_flight.popleft()
+            yield unit, result.get()
+
+    def close(self, ok: bool) -> None:
+        if self.pool is not None:
+            if ok:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
 def write_shards(
     documents: Iterable[Document],
     tokenizer,
     out_dir: str | Path,
     *,
     vocab_size: int,
-    eos_token_id: int,
+    eos_token_id: int | None = None,
+    specials: DocumentSpecials | None = None,
     val_fraction: float = 0.05,
     seed: int = 0,
     max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
@@ -168,15 +232,20 @@ def write_shards(
     select: Callable[[int, Document], int] | None = None,
     domain_counts: dict | None = None,
     stratify: bool = False,
+    workers: int = 1,
 ) -> dict[str, SplitInfo]:
     """Tokenize ``documents`` into ``out_dir/{train,val}_NNNNN.bin`` and ``train_token_counts.npy``.
 
-    Each document's tokens are followed by ``eos_token_id``. Output bytes depend only on the inputs.
+    Each document's tokens are preceded by ``specials.document_start`` and followed by
+    ``specials.document_end`` (without ``specials``: nothing before, ``eos_token_id`` after). Output bytes
+    depend only on the inputs, not on ``workers``.
 
     Args:
         documents: the corpus, read once.
-        tokenizer: a ``transformers`` tokenizer (``mileloss.data.tokenizer``).
+        tokenizer: a ``transformers`` fast tokenizer (``mileloss.data.tokenizer``).
         vocab_size: number of token ids; picks the dtype and sizes the token counts.
+        eos_token_id: the id after each document when ``specials`` is not given.
+        specials: the ids around each document (``mileloss.data.tokenizer.document_specials``).
         val_fraction: share of documents (or, for a single document, of tokens) that go to val.
         max_shard_tokens: the most tokens per shard file.
         dtype: force ``"uint16"`` or ``"uint32"`` (default: from ``vocab_size``).
@@ -184,8 +253,9 @@ def write_shards(
             split is chosen from the corpus ``index`` first, so all copies land in the same split (see
             ``mileloss.data.mixture``). ``None``: every document once.
         domain_counts: a dict to fill with ``{split: {domain: {"documents": n, "tokens": t}}}``: documents
-            (copies counted) and tokens (end-of-document tokens included) of each ``Document.domain``.
+            (copies counted) and tokens (the specials around documents included) of each ``Document.domain``.
         stratify: split by domain strata (``stratified_split``) instead of ``document_split``.
+        workers: encoding processes (1: this process, with the tokenizer's own threads).
 
     Returns:
         ``{"train": SplitInfo, "val": SplitInfo}`` with shard names, token counts and sha256.
@@ -193,6 +263,7 @@ def write_shards(
     Raises:
         EmptyCorpusError: no document.
         TokenizerError: the tokenizer produced an id >= vocab_size, or one the dtype cannot hold.
+        ConfigError: ``workers`` outside [1, ``MAX_WORKERS``].
     """
     out_dir = Path(out_dir)
     dtype = np.dtype(dtype).newbyteorder("<") if dtype is not None else dtype_for_vocab(vocab_size)
@@ -202,54 +273,81 @@ def write_shards(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_shard_tokens < 1:
         raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
+    check_workers(workers)
+    if specials is None:
+        if eos_token_id is None:
+            raise ValueError("write_shards needs specials or eos_token_id")
+        start_ids, end_ids = np.empty(0, np.int64), np.array([eos_token_id], np.int64)
+    else:
+        start_ids = np.array(specials.document_start, np.int64)
+        end_ids = np.array(specials.document_end, np.int64)
+    for ids in (start_ids, end_ids):
+        if len(ids) and (ids.max() >= vocab_size or ids.min() < 0):
+            raise TokenizerError(f"special token ids {ids.tolist()} are outside vocab_size {vocab_size}")
     writers = {split: _ShardWriter(out_dir, split, dtype, max_shard_tokens) for split in SPLITS}
-    eos = np.array([eos_token_id], dtype=np.int64)
-    pending: list[tuple[str, str, bool, str | None]] = []  # (split, text piece, ends its document, domain)
+    pending: list[tuple[str, str, bool, bool, str | None]] = []  # (split, piece, starts doc, ends doc, domain)
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
     counts = {split: {} for split in SPLITS}
 
-    def flush() -> None:
-        encoded = encode_batch(tokenizer, [piece for _, piece, _, _ in pending])
-        for (split, _, ends_document, domain), ids in zip(pending, encoded, strict=True):
+    def write_unit(unit, encoded) -> None:
+        for (split, starts_document, ends_document, domain), ids in zip(unit, encoded, strict=True):
             if len(ids) and (ids.max() >= vocab_size or ids.min() < 0):
                 raise TokenizerError(f"tokenizer produced id {int(ids.max())}, outside vocab_size {vocab_size}")
-            writers[split].write(ids)
             entry = counts[split].setdefault(domain, {"documents": 0, "tokens": 0})
+            if starts_document and len(start_ids):
+                writers[split].write(start_ids)
+                entry["tokens"] += len(start_ids)
+            writers[split].write(ids)
             entry["tokens"] += len(ids)
             if ends_document:
-                writers[split].write(eos)
-                entry["tokens"] += 1
+                writers[split].write(end_ids)
+                entry["tokens"] += len(end_ids)
                 entry["documents"] += 1
                 bar.update(1)
+
+    encoding = _Encoding(TextEncoder(data_tokenizer_json(tokenizer)), workers)
+
+    def submit() -> None:
+        unit = [(split, starts, ends, domain) for split, _, starts, ends, domain in pending]
+        for done, encoded in encoding.submit(unit, [piece for _, piece, _, _, _ in pending]):
+            write_unit(done, encoded)
         pending.clear()
 
+    ok = False
     num_documents = pending_chars = 0
     seen: dict[str | None, int] = {}  # written documents per domain, for the stratified split
-    for (index, document, copies), is_last in _with_last_flag(_selected(documents, select)):
-        if stratify:
-            k = seen[document.domain] = seen.get(document.domain, -1) + 1
-            split = stratified_split(seed, document.domain, k, val_fraction)
-        else:
-            split = document_split(seed, index, val_fraction)
-        if is_last and num_documents == 0 and copies == 1:
-            split = "train"  # a lone document is split by token position below
-        elif is_last and val_fraction > 0:
-            for needed in SPLITS:  # give both splits a document (counts include pending ones)
-                if writers[needed].num_documents == 0:
-                    split = needed
-        writers[split].num_documents += copies
-        num_documents += copies
-        for _ in range(copies):
-            for piece, ends_document in _with_last_flag_pieces(document):
-                pending.append((split, piece, ends_document, document.domain))
-                pending_chars += len(piece)
-                if pending_chars >= BATCH_CHARS:
-                    flush()
-                    pending_chars = 0
-    flush()
-    bar.close()
-    for writer in writers.values():
-        writer.close()
+    try:
+        for (index, document, copies), is_last in _with_last_flag(_selected(documents, select)):
+            if stratify:
+                k = seen[document.domain] = seen.get(document.domain, -1) + 1
+                split = stratified_split(seed, document.domain, k, val_fraction)
+            else:
+                split = document_split(seed, index, val_fraction)
+            if is_last and num_documents == 0 and copies == 1:
+                split = "train"  # a lone document is split by token position below
+            elif is_last and val_fraction > 0:
+                for needed in SPLITS:  # give both splits a document (counts include pending ones)
+                    if writers[needed].num_documents == 0:
+                        split = needed
+            writers[split].num_documents += copies
+            num_documents += copies
+            for _ in range(copies):
+                for number, (piece, ends_document) in enumerate(_with_last_flag_pieces(document)):
+                    pending.append((split, piece, number == 0, ends_document, document.domain))
+                    pending_chars += len(piece)
+                    if pending_chars >= BATCH_CHARS:
+                        submit()
+                        pending_chars = 0
+        if pending:
+            submit()
+        for done, encoded in encoding.drain():
+            write_unit(done, encoded)
+        ok = True
+    finally:
+        encoding.close(ok)
+        bar.close()
+        for writer in writers.values():
+            writer.close()
     if num_documents == 0:
         raise EmptyCorpusError("the corpus holds no document" + (" the mix selects" if select else ""))
     if num_documents == 1 and val_fraction > 0:
@@ -261,6 +359,12 @@ def write_shards(
     if domain_counts is not None:
         domain_counts.update(counts)
     return _finalize(writers, out_dir, vocab_size, dtype)
+
+
+def check_workers(workers) -> None:
+    """``workers`` must be an integer in [1, ``MAX_WORKERS``]."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {workers!r}")
 
 
 def _split_single_document(train: _ShardWriter, val: _ShardWriter, val_fraction: float) -> None:
