@@ -48,3 +48,12 @@ def test_tiny_model_has_untied_embeddings_and_runs_forward():
 def test_unknown_preset_error_lists_the_valid_names():
     with pytest.raises(UnknownPresetError, match="tiny"):
         build_model("huge", 100)
+
+
+def test_the_paper_presets_have_their_exact_sizes_with_a_32000_vocabulary():
+    # issue 10: the 6.7B preset has exactly 6,738,415,616 parameters (untied embeddings, V = 32000)
+    counts = {}
+    for name in ("468M", "1.2B", "6.7B"):
+        with torch.device("meta"):
+            counts[name] = count_parameters(build_model(name, 32000))
+    assert counts == {"468M": 468_239_360, "1.2B": 1_204_881_408, "6.7B": 6_738_415_616}

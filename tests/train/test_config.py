@@ -110,7 +110,8 @@ def test_tokens_per_step_that_does_not_divide_is_a_named_error():
     from mileloss.train.config import derive_grad_accum_steps
 
     config = load_config(None, ["run.batch_size=4", "run.seq_len=128", "run.tokens_per_step=4096"])
-    with pytest.raises(BatchScheduleError, match=r"run.tokens_per_step=4,096 .* 3 process\(es\) = 1,536 .*3072 or 4608"):
+    with pytest.raises(BatchScheduleError,
+                       match=r"run.tokens_per_step=4,096 .* 3 process\(es\) = 1,536 .*3072 or 4608"):
         derive_grad_accum_steps(config.run, 128, 3)
     with pytest.raises(BatchScheduleError, match=r"choose run.tokens_per_step=8192"):  # one micro-batch is too big
         derive_grad_accum_steps(config.run, 128, 16)
