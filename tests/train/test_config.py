@@ -204,3 +204,26 @@ def test_cli_help_lists_the_config_keys(capsys):
     with pytest.raises(SystemExit):
         train_main(["--help"])
     assert "loss.gamma" in capsys.readouterr().out
+
+
+def test_a_run_trains_and_resumes_with_the_derived_accumulation(data_dir, tmp_path):
+    """tokens_per_step = 4 x 32 x 2: the loop sees grad_accum_steps = 2 (tokens logged per step say so); the saved
+    config has both keys and reloads; a resume that would derive another accumulation is refused with the reason."""
+    import json
+
+    from mileloss.errors import ResumeMismatchError
+    from mileloss.train import train
+    from tests.train._train_utils import tiny_overrides
+
+    out = tmp_path / "run"
+    base = tiny_overrides(data_dir, out, **{"run.max_steps": 2, "run.checkpoint_every": 1, "run.eval_every": 0,
+                                            "run.tokens_per_step": 256, "run.num_threads": 1})
+    train(load_config(None, base))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["tokens"] for line in lines if "loss" in line] == [256, 512]
+    saved = load_config(out / "config.yaml")
+    assert (saved.run.tokens_per_step, saved.run.grad_accum_steps) == (256, 2)
+    train(load_config(None, [*base, "run.max_steps=2"]), resume=True, overwrite=False)  # same schedule: accepted
+    with pytest.raises(ResumeMismatchError, match=r"run.grad_accum_steps: checkpoint 2, now 1.*derived from "
+                                                  r"run.tokens_per_step"):
+        train(load_config(None, [*base, "run.batch_size=8"]), resume=True)
