@@ -1,0 +1,141 @@
+"""Scale and pretrained tokenizers: --workers gives byte-identical shards, .jsonl.zst and parquet give the same
+bytes, a LLaMA-like tokenizer.json gets <s> ... </s> around every document exactly once, and the manifest says so."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from mileloss.data import TokenizerError, load_manifest, prepare_corpus, read_split
+from mileloss.data.tokenizer import document_specials, load_tokenizer
+from mileloss.errors import ConfigError
+from tests.data.conftest import make_text
+from tests.data.test_formats import write_format
+
+
+def pile_records(count: int = 90, seed: int = 11) -> list[dict]:
+    """A miniature Pile: several domains, documents of very different lengths, one with a literal '</s>'."""
+    rng = random.Random(seed)
+    domains = ["Pile-CC", "Github", "ArXiv", "Wikipedia (en)"]
+    records = [
+        {"text": make_text(rng, rng.choice([5, 40, 300])), "meta": {"pile_set_name": domains[rng.randrange(4)]}}
+        for _ in range(count)
+    ]
+    records[7]["text"] += " the string </s> and <s> and <|endoftext|> are text here"
+    return records
+
+
+def shard_bytes(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.bin"))}
+
+
+def llama_like_tokenizer_json(path, texts, vocab_size: int = 600):
+    """A LLaMA-like tokenizer.json: BPE with <unk>, <s>, </s> (ids 0, 1, 2), a Metaspace pre-tokenizer and a
+    TemplateProcessing post-processor that puts <s> before a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer.save(str(path))
+    return path
+
+
+@pytest.fixture
+def pile_zst(tmp_path):
+    folder = tmp_path / "zst"
+    folder.mkdir()
+    return write_format(folder, pile_records(), "jsonl.zst", frames=3)
+
+
+def test_workers_1_and_2_give_byte_identical_shards_and_manifests(tmp_path, pile_zst, monkeypatch):
+    monkeypatch.setattr("mileloss.data.writer.BATCH_CHARS", 2000)  # many work units, several in flight
+    runs = {}
+    for workers in (1, 2):
+        manifest = prepare_corpus([pile_zst], tmp_path / f"w{workers}", vocab_size=400, domain_field="meta.pile_set_name",
+                                  max_shard_tokens=3000, workers=workers, progress=False)
+        runs[workers] = manifest
+    one, two = shard_bytes(runs[1].path), shard_bytes(runs[2].path)
+    assert len(one) > 4 and one == two, "same shard files, byte for byte"
+    strip = lambda m: {k: v for k, v in json.loads(m.manifest_path.read_text()).items() if k != "sources"}  # noqa: E731
+    assert strip(runs[1]) == strip(runs[2])
+    assert (runs[1].path / "train_token_counts.npy").read_bytes() == (runs[2].path / "train_token_counts.npy").read_bytes()
+
+
+def test_jsonl_zst_and_parquet_of_one_corpus_give_byte_identical_shards(tmp_path):
+    records = pile_records()
+    out = {}
+    for kind in ("jsonl.zst", "parquet"):
+        folder = tmp_path / kind.replace(".", "_")
+        folder.mkdir()
+        path = write_format(folder, records, kind, **({"frames": 4} if kind == "jsonl.zst" else {}))
+        out[kind] = prepare_corpus([path], tmp_path / f"out_{folder.name}", vocab_size=400,
+                                   domain_field="meta.pile_set_name", progress=False)
+    assert shard_bytes(out["jsonl.zst"].path) == shard_bytes(out["parquet"].path)
+    assert out["jsonl.zst"].extra["domains"] == out["parquet"].extra["domains"]
+
+
+def test_manifest_records_vocabulary_domain_token_counts_and_the_specials(tmp_path, pile_zst):
+    manifest = prepare_corpus([pile_zst], tmp_path / "out", vocab_size=400, domain_field="meta.pile_set_name",
+                              progress=False)
+    data = json.loads(manifest.manifest_path.read_text())
+    assert data["vocab_size"] == 400 and data["tokenizer_source"] == "trained byte-level BPE"
+    assert data["specials"]["document_start"] == [] and data["specials"]["document_end"] == [0]
+    for split in ("train", "val"):
+        domains = data["domains"][split]
+        assert sum(entry["tokens"] for entry in domains.values()) == data["splits"][split]["num_tokens"]
+        assert sum(entry["documents"] for entry in domains.values()) == data["splits"][split]["num_documents"]
+    tokens = np.concatenate([np.asarray(read_split(manifest, "train")), np.asarray(read_split(manifest, "val"))])
+    assert int((tokens == 0).sum()) == 90, "one eos per document: '<|endoftext|>' inside a text is not an eos"
+
+
+def test_a_llama_like_tokenizer_json_puts_bos_and_eos_around_each_document_once(tmp_path, pile_zst):
+    records = pile_records()
+    path = llama_like_tokenizer_json(tmp_path / "tokenizer.json", [r["text"] for r in records])
+    manifest = prepare_corpus([pile_zst], tmp_path / "out", tokenizer=path, val_fraction=0.0, progress=False)
+    specials = manifest.extra["specials"]
+    assert (specials["bos_token"], specials["bos_token_id"], specials["eos_token"], specials["eos_token_id"]) == (
+        "<s>", 1, "</s>", 2)
+    assert specials["document_start"] == [1] and specials["document_end"] == [2]
+    assert manifest.eos_token_id == 2 and manifest.extra["tokenizer_source"] == str(path)
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_file(str(path))
+    plain.encode_special_tokens = True
+    expected = []
+    for record in records:
+        expected += [1, *plain.encode(record["text"], add_special_tokens=False).ids, 2]
+    assert read_split(manifest, "train").tolist() == expected
+    ids = np.asarray(read_split(manifest, "train"))
+    assert int((ids == 1).sum()) == int((ids == 2).sum()) == len(records), "the literal '</s>' text is not an eos"
+    # the copy in the data folder loads with transformers and has the same specials
+    copy = load_tokenizer(manifest.tokenizer_dir)
+    assert document_specials(copy).to_json() == specials
+    load_manifest(manifest.path)  # the tokenizer folder's vocabulary matches the manifest
+
+
+def test_a_tokenizer_json_without_an_eos_named_token_is_refused(tmp_path, corpus_dir):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(TokenizerError, match="tokenizer.json: no special token named like an eos"):
+        prepare_corpus([corpus_dir], tmp_path / "out", tokenizer=tmp_path / "tokenizer.json", progress=False)
+    (tmp_path / "broken.json").write_text('{"model": 3}')
+    with pytest.raises(TokenizerError, match="broken.json: not a tokenizers JSON file"):
+        prepare_corpus([corpus_dir], tmp_path / "out", tokenizer=tmp_path / "broken.json", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1000, 1.5, True])
+def test_bad_workers_is_a_config_error_before_anything_is_read(tmp_path, corpus_dir, workers):
+    with pytest.raises(ConfigError, match="--workers must be an integer from 1 to 256"):
+        prepare_corpus([corpus_dir], tmp_path / "out", workers=workers, progress=False)
+    assert not (tmp_path / "out").exists()
