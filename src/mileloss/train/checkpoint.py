@@ -18,6 +18,10 @@ or the new complete pair. What a killed writer can leave behind (a temporary fil
 ``.pt``) is not a checkpoint: :func:`checkpoint_steps` lists only complete pairs, and the next
 :func:`save_checkpoint` removes the leftovers. A ``.pt`` found without its record (its record lost or deleted)
 is likewise incomplete: it is skipped with a warning and the previous complete checkpoint is used.
+
+Under ``run.parallel=fsdp`` a checkpoint is a folder ``step_0000000N/`` in Distributed Checkpoint format instead
+(:mod:`mileloss.train.dcp`). Both kinds may sit side by side (a DDP run resumed under FSDP, or back):
+:func:`latest_checkpoint` returns the newest complete one of either kind, and ``run.keep_checkpoints`` counts both.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ __all__ = [
     "checkpoint_steps",
     "latest_checkpoint",
     "load_checkpoint",
+    "prune_checkpoints",
+    "read_plain",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -172,7 +178,7 @@ def incomplete_steps(directory: Path) -> list[int]:
     return sorted(_steps(directory, _NAME) - _steps(directory, _RECORD_NAME))
 
 
-def _remove_leftovers(directory: Path) -> None:
+def remove_leftovers(directory: Path) -> None:
     """Remove what killed writers leave: temporary files, records without a ``.pt``, ``.pt`` without a record.
 
     Only names this module writes are touched; the caller holds the run folder's lock.
@@ -198,7 +204,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(directory)
+    remove_leftovers(directory)
     path = checkpoint_path(directory, step)
     record = record_path(path)
     # an existing pair of this step is replaced: remove the .pt first so that no moment pairs it with a new record
@@ -231,9 +237,12 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
             record.unlink(missing_ok=True)
         raise
     _fsync_directory(directory)
-    for old in checkpoint_steps(directory)[:-keep]:
-        checkpoint_path(directory, old).unlink(missing_ok=True)  # the .pt first: a record alone is not a checkpoint
-        record_path(checkpoint_path(directory, old)).unlink(missing_ok=True)
+    from mileloss.train.dcp import remove_folder, sharded_checkpoint_path
+
+    sharded = sharded_checkpoint_path(directory, step)
+    if sharded.is_dir() and not sharded.is_symlink():  # a sharded checkpoint of the same step is superseded
+        remove_folder(sharded)
+    prune_checkpoints(directory, keep)
     logger.info("checkpoint written: %s", path)
     return path
 
@@ -298,15 +307,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """
     path = Path(path)
     verify_checkpoint(path)
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[-1].strip() if str(error).strip() else type(error).__name__
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain data ({reason})"
-        ) from None
-    except Exception as error:  # checksummed but unreadable: written by something else
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    payload = read_plain(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
     if payload.get("version") != VERSION:
@@ -316,9 +317,48 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return payload
 
 
-def check_training_state(payload: dict[str, Any], path: Path) -> None:
-    """Raise :class:`CheckpointError` unless ``payload`` has everything a resumed training run needs."""
-    missing = [key for key in _REQUIRED if key not in payload]
+def read_plain(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, nothing else is built.
+
+    Call it after the file's checksum was verified.
+
+    Raises:
+        UnsafeCheckpointError: the file asks for any other object (it is not loaded).
+        CheckpointError: the file cannot be read as a ``torch.save`` file.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[-1].strip() if str(error).strip() else type(error).__name__
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain data ({reason})"
+        ) from None
+    except Exception as error:  # checksummed but unreadable: written by something else
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints, ``.pt`` pairs and sharded folders alike."""
+    from mileloss.train.dcp import remove_folder, sharded_checkpoint_path, sharded_checkpoint_steps
+
+    sharded = set(sharded_checkpoint_steps(directory))
+    for old in sorted(set(checkpoint_steps(directory)) | sharded)[:-keep]:
+        checkpoint_path(directory, old).unlink(missing_ok=True)  # the .pt first: a record alone is not a checkpoint
+        record_path(checkpoint_path(directory, old)).unlink(missing_ok=True)
+        if old in sharded:
+            folder = sharded_checkpoint_path(directory, old)
+            (folder / "mileloss_checkpoint.json").unlink(missing_ok=True)  # the manifest first: then not a checkpoint
+            remove_folder(folder)
+
+
+def check_training_state(payload: dict[str, Any], path: Path, sharded: bool = False) -> None:
+    """Raise :class:`CheckpointError` unless ``payload`` has everything a resumed training run needs.
+
+    ``sharded``: ``payload`` is the plain-data part of a sharded checkpoint (model and optimizer tensors are in its
+    DCP files, the optimizer's hyper-parameters in ``param_groups``).
+    """
+    required = [k for k in _REQUIRED if k not in ("model", "optimizer")] + ["param_groups"] if sharded else _REQUIRED
+    missing = [key for key in required if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; it cannot resume training")
     if not isinstance(payload["config"], dict) or not isinstance(payload["world_size"], int) or not isinstance(
@@ -328,15 +368,31 @@ def check_training_state(payload: dict[str, Any], path: Path) -> None:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """Path of the newest complete checkpoint (``.pt`` with its record), or ``None``.
+    """Path of the newest complete checkpoint, ``step_N.pt`` (with its record) or sharded ``step_N/`` (with its
+    manifest), or ``None``.
 
-    A newer ``.pt`` without a record is incomplete: it is skipped with a warning.
+    A newer ``.pt`` without a record, or ``step_N/`` without a manifest, is incomplete: skipped with a warning.
     """
-    steps = checkpoint_steps(directory)
-    newest = steps[-1] if steps else -1
+    from mileloss.train.dcp import incomplete_sharded_steps, sharded_checkpoint_path, sharded_checkpoint_steps
+
+    plain, sharded = checkpoint_steps(directory), sharded_checkpoint_steps(directory)
+    newest = max(plain[-1:] + sharded[-1:], default=-1)
+    path = None if newest < 0 else (
+        sharded_checkpoint_path(directory, newest) if newest in sharded else checkpoint_path(directory, newest))
     for step in incomplete_steps(directory):
         if step > newest:
             logger.warning("ignoring incomplete checkpoint %s (no checksum record %s); using %s",
                            checkpoint_path(directory, step), record_path(checkpoint_path(directory, step)).name,
-                           checkpoint_path(directory, newest).name if steps else "none")
-    return checkpoint_path(directory, newest) if steps else None
+                           path.name if path else "none")
+    for step in incomplete_sharded_steps(directory):
+        if step > newest:
+            logger.warning("ignoring incomplete sharded checkpoint %s (no manifest); using %s",
+                           sharded_checkpoint_path(directory, step), path.name if path else "none")
+    return path
+
+
+def all_checkpoint_steps(directory: Path) -> list[int]:
+    """Steps of the complete checkpoints of both kinds, ascending."""
+    from mileloss.train.dcp import sharded_checkpoint_steps
+
+    return sorted(set(checkpoint_steps(directory)) | set(sharded_checkpoint_steps(directory)))

@@ -2,7 +2,7 @@
 
     mileloss train tiny loss.kind=mile run.out=runs/mile
     torchrun --nproc_per_node 2 -m mileloss train tiny      # DDP, same global batch
-    torchrun --nproc_per_node 2 -m mileloss train 1.2B run.parallel=fsdp run.checkpoint_every=0   # FSDP2
+    torchrun --nproc_per_node 2 -m mileloss train 1.2B run.parallel=fsdp     # FSDP2, sharded (DCP) checkpoints
 
 One optimizer step = ``grad_accum_steps`` micro-batches per process. The loss is computed from the last hidden
 states with the fused LM-head loss (the (tokens, vocab) logits never exist). With ``loss.normalize=weighted``
@@ -14,7 +14,12 @@ With ``run.parallel=fsdp`` (and more than one process) the model is built on the
 FSDP2 (``mileloss.train.distributed.shard_model``) and materialised shard by shard with the weights the
 single-process model gets from the same seed (``mileloss.models.materialize_model``); the gradients are sharded
 ``DTensor``s, which the normaliser rescales and :func:`~mileloss.train.distributed.clip_gradients` clips by their
-global norm.
+global norm. Its checkpoints are sharded (``mileloss.train.dcp``: DCP format, each rank writes its shards).
+
+Resuming takes the newest complete checkpoint of either kind (``step_N.pt`` of a single process or DDP, sharded
+``step_N/`` of FSDP) into any of the three setups, and into another number of processes as long as the global batch
+(``run.batch_size x run.grad_accum_steps x processes`` windows per step) is unchanged: the data position is counted
+in windows of the global order, so the resumed run reads exactly the windows the uninterrupted run would have.
 
 The run folder is claimed first (``mileloss.train.rundir``): a lock, then a fresh run needs an empty folder (or
 ``overwrite``), ``resume`` needs a complete checkpoint. Callers may pass :class:`TrainHooks`: callbacks at the
@@ -36,7 +41,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from mileloss.errors import NonFiniteLossError, ShardedCheckpointError
+from mileloss.errors import NonFiniteLossError
 from mileloss.losses import WeightNormalizer, linear_token_weighted_loss
 from mileloss.models import build_model, materialize_model
 from mileloss.run_folder import RunFolder
@@ -50,6 +55,7 @@ from mileloss.train.checkpoint import (
     set_rng_state,
 )
 from mileloss.train.config import TrainConfig, save_config
+from mileloss.train.dcp import apply_full_state, is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from mileloss.train.distributed import DistributedContext, clip_gradients, init_distributed, shard_model
 from mileloss.train.export import export_final
 from mileloss.train.metrics import MetricsLogger
@@ -202,32 +208,78 @@ def train_step(wrapped: torch.nn.Module, loader, run: PreparedRun, context: Dist
     return loss
 
 
-def _resume(run: PreparedRun, model, optimizer, scheduler, loader, context) -> tuple[int, int]:
+def _saved_config_for(state: dict, run: PreparedRun, context, path: Path) -> dict:
+    """The checkpoint's config, with the batch keys of this run if only the split of the same global batch differs.
+
+    The world size may change when ``batch_size x grad_accum_steps x processes`` (windows per optimizer step) stays
+    the same: with ``loss.normalize=weighted`` the step's gradient is then that of the same global batch. Under
+    ``loss.normalize=paper`` (a mean per micro-batch) the micro-batch itself must stay: ``batch_size x processes``
+    and ``grad_accum_steps`` unchanged.
+    """
+    saved, cfg = state["config"], run.config.run
+    saved_run = saved.get("run") if isinstance(saved.get("run"), dict) else {}
+    old_world = state["world_size"]
+    if old_world == context.world_size:
+        return saved
+    try:
+        old_batch, old_accum = int(saved_run["batch_size"]), int(saved_run["grad_accum_steps"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: malformed checkpoint config (run.batch_size, run.grad_accum_steps)") from None
+    old_rows, rows = old_batch * old_accum * old_world, cfg.batch_size * cfg.grad_accum_steps * context.world_size
+    paper = run.config.loss.normalize == "paper"
+    same = old_rows == rows and (not paper or (old_batch * old_world == cfg.batch_size * context.world_size
+                                              and old_accum == cfg.grad_accum_steps))
+    if not same:
+        what = ("run.batch_size x processes and run.grad_accum_steps (loss.normalize=paper averages per "
+                "micro-batch)") if paper else "run.batch_size x run.grad_accum_steps x processes"
+        raise ResumeMismatchError(
+            f"cannot resume from {path}: written by {old_world} process(es) with run.batch_size={old_batch} "
+            f"run.grad_accum_steps={old_accum}, now {context.world_size} with run.batch_size={cfg.batch_size} "
+            f"run.grad_accum_steps={cfg.grad_accum_steps}: the global batch would change; keep {what} equal "
+            f"(e.g. run.batch_size={old_batch * old_world // context.world_size} if it divides)")
+    return {**saved, "run": {**saved_run, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps}}
+
+
+def _resume(run: PreparedRun, model, optimizer, scheduler, loader, context, sharded_model: bool) -> tuple[int, int]:
+    """Load the newest checkpoint (either kind) into this run's model, optimizer, scheduler, loader and RNGs."""
     path = latest_checkpoint(run.checkpoint_dir)
     if path is None:  # rank 0 found one when it claimed the folder: this rank does not see the same files
         raise NoCheckpointError(f"--resume: rank {context.rank} finds no complete checkpoint in {run.checkpoint_dir}")
-    state = load_checkpoint(path, map_location=run.device)
-    check_training_state(state, path)
+    if is_sharded_checkpoint(path):  # a collective: every rank verifies its share, then DCP reshards
+        from mileloss.train.dcp import read_sharded_trainer_state, verify_sharded_checkpoint
+
+        verify_sharded_checkpoint(path, context)
+        state = read_sharded_trainer_state(path)
+    else:
+        state = load_checkpoint(path, map_location="cpu" if sharded_model else run.device)
+    check_training_state(state, path, sharded=is_sharded_checkpoint(path))
     if state.get("data") != data_fingerprint(run.manifest):
         raise ResumeMismatchError(f"cannot resume from {path}: data.dir {run.config.data.dir} holds other data than "
                                   f"the run was trained on (the shards' checksums differ)")
-    check_resume_compatible(state["config"], run.config, path)
-    if state["world_size"] != context.world_size:
-        raise ResumeMismatchError(f"cannot resume from {path}: written by {state['world_size']} processes, "
-                                  f"now {context.world_size} (the global batch would change)")
+    check_resume_compatible(_saved_config_for(state, run, context, path), run.config, path)
+    if is_sharded_checkpoint(path):
+        load_sharded_checkpoint(path, model, optimizer, context)
+    else:
+        try:
+            if sharded_model:  # a whole .pt (one process or DDP) into FSDP shards
+                apply_full_state(model, optimizer, state["model"], state["optimizer"])
+            else:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+            reason = " ".join(str(error).split())[:300]
+            raise CheckpointError(f"{path}: the saved model or optimizer state does not fit this run: "
+                                  f"{reason}") from None
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        reason = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"{path}: the saved model or optimizer state does not fit this run: {reason}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path}: malformed scheduler state ({type(error).__name__}: {error})") from None
     try:
         loader.load_state_dict(state["loader"])
     except (KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{path}: malformed data-loader state ({type(error).__name__}: {error})") from None
     set_rng_state(state["rng"])
-    logger.info("resumed from %s (step %d)", path, state["step"])
+    logger.info("resumed from %s (step %d, written by %d process(es))", path, state["step"], state["world_size"])
     return state["step"], state["tokens"]
 
 
@@ -250,9 +302,6 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, ho
         CheckpointError: the checkpoint to resume from is unreadable, corrupted or unsafe.
         NonFiniteLossError: the loss became NaN/inf (the newest checkpoint on disk stays valid).
     """
-    if resume and config.run.parallel == "fsdp":
-        raise ShardedCheckpointError("--resume with run.parallel=fsdp: sharded checkpoints (DCP format) are not "
-                                     "implemented yet; resume a run.parallel=ddp run with run.parallel=ddp")
     context, device = init_distributed(config.run.device)
     try:
         return _train(config, resume, overwrite, hooks or TrainHooks(), context, device)
@@ -294,7 +343,7 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
                                 min_lr_ratio=config.optim.min_lr_ratio)
     loader = TokenBatchLoader(run.manifest, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                               seed=cfg.seed, rank=context.rank, world_size=context.world_size)
-    step, tokens = _resume(run, model, optimizer, scheduler, loader, context) if resume else (0, 0)
+    step, tokens = _resume(run, model, optimizer, scheduler, loader, context, fsdp) if resume else (0, 0)
     if cfg.compile:
         model.model.compile()
     wrapped = loss_wrapper
@@ -342,10 +391,13 @@ def _train_in(run: PreparedRun, resume: bool, hooks: TrainHooks, context: Distri
                 metrics.log("val", step=step, tokens=tokens, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)))
                 logger.info("step %d: val_loss %.4f", step, val_loss)
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            if context.is_main:
-                state = {"tokens": tokens, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
-                         "config": config.to_dict(), "world_size": context.world_size, "data": fingerprint}
+            state = {"tokens": tokens, "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                     "config": config.to_dict(), "world_size": context.world_size, "data": fingerprint}
+            if fsdp:  # every rank writes its shards; rank 0 commits
+                save_sharded_checkpoint(run.checkpoint_dir, step, model, optimizer, state, keep=cfg.keep_checkpoints,
+                                        context=context, on_stage=hooks.checkpoint_stage)
+            elif context.is_main:
+                state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
                 save_checkpoint(run.checkpoint_dir, step, state, keep=cfg.keep_checkpoints,
                                 on_stage=hooks.checkpoint_stage)
             context.barrier()

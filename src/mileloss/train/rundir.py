@@ -14,7 +14,9 @@ What a run may find in ``run.out``:
   none);
 * with ``--overwrite``, the folder must hold only what ``mileloss train`` writes (``config.yaml`` of a mileloss
   config, ``metrics.jsonl``, ``metrics.csv``, ``checkpoints/``, ``tensorboard/``, ``final/``, each holding only
-  the names mileloss writes there, no symbolic links); those are removed one by one before the new run starts.
+  the names mileloss writes there, no symbolic links; in ``checkpoints/`` also the sharded checkpoint folders
+  ``step_N/`` and the staging folders of killed writers, holding only the files of a sharded checkpoint); those are
+  removed one by one before the new run starts.
   Anything else (an ``eval/`` folder, a file of the user's) refuses the overwrite before anything is removed.
 
 ``run.out`` may not be a file, the current folder, one of its parents, or the root; a leading ``~`` is the home
@@ -39,7 +41,8 @@ import yaml
 
 import mileloss.run_folder as layout
 from mileloss.errors import FolderBusyError, NoCheckpointError, OutputFolderError, RunFolderNotEmptyError
-from mileloss.train.checkpoint import _NAME, _RECORD_NAME, _TEMPORARY, checkpoint_steps, incomplete_steps
+from mileloss.train.checkpoint import _NAME, _RECORD_NAME, _TEMPORARY, all_checkpoint_steps, incomplete_steps
+from mileloss.train.dcp import DIR_NAME as _SHARDED, STAGING as _SHARDED_STAGING, is_own_content as _is_sharded_content
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +277,13 @@ def foreign_entries(run_dir: Path) -> tuple[list[Path], list[Path]]:
                 if stat.S_ISREG(child.lstat().st_mode) and (any(p.match(child.name) for p in patterns) or (
                         entry.name == layout.FINAL and layout.is_temp_of(child, {layout.RUN_INFO}))):
                     ours_files.append(child)
+                elif entry.name == layout.CHECKPOINTS and stat.S_ISDIR(child.lstat().st_mode) and (
+                        _SHARDED.match(child.name) or _SHARDED_STAGING.match(child.name)):
+                    inside = sorted(child.iterdir())
+                    mine = [f for f in inside if stat.S_ISREG(f.lstat().st_mode) and _is_sharded_content(f.name)]
+                    ours_files.extend(mine)
+                    foreign.extend(f for f in inside if f not in mine)
+                    ours_dirs.append(child)
                 else:
                     foreign.append(child)
             ours_dirs.append(entry)
@@ -293,7 +303,7 @@ def _prepare_contents(run_dir: Path, resume: bool, overwrite: bool) -> None:
     entries = [e for e in sorted(run_dir.iterdir()) if e.name != layout.LOCK]
     if resume:
         directory = run_dir / layout.CHECKPOINTS
-        if not checkpoint_steps(directory):
+        if not all_checkpoint_steps(directory):
             incomplete = incomplete_steps(directory)
             found = (f" (step_*.pt of steps {incomplete} have no checksum record: incomplete, or written by an "
                      f"older mileloss)") if incomplete else ""
