@@ -186,3 +186,75 @@ def test_plan_options_without_dry_run_or_with_resume_are_usage_errors(argv, caps
     with pytest.raises(SystemExit) as exit_info:
         _train(argv, capsys)
     assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# multi-node: scripts/slurm_train.sh
+
+
+SLURM_SCRIPT = __import__("pathlib").Path(__file__).resolve().parents[2] / "scripts" / "slurm_train.sh"
+
+
+def test_slurm_script_is_valid_bash():
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], capture_output=True).returncode == 0
+
+
+def _fake_cluster(tmp_path, fail_plan: bool = False):
+    """srun, scontrol and python stand-ins that record their arguments (one line each) in calls.txt."""
+    import os
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    plan_status = "exit 2" if fail_plan else "exit 0"
+    scripts = {
+        "scontrol": "printf 'gpu-node-07\\ngpu-node-08\\n'",
+        "srun": f'echo "srun $*" >> {log}',
+        "fakepython": f'echo "python $*" >> {log}; case "$*" in *--dry-run*) {plan_status};; esac',
+    }
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text(f"#!/bin/bash\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_GPUS_ON_NODE": "8", "PYTHON": "fakepython",
+           "HOME": str(tmp_path)}
+    return env, log
+
+
+def test_slurm_script_starts_one_torchrun_per_node_with_a_c10d_rendezvous_on_the_first_node(tmp_path):
+    import subprocess
+
+    env, log = _fake_cluster(tmp_path)
+    result = subprocess.run(["bash", str(SLURM_SCRIPT), "1.2B", "loss.kind=mile", "--resume"], env=env,
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plan, launch = log.read_text().splitlines()
+    assert plan == "python -m mileloss train 1.2B loss.kind=mile --dry-run --world-size 16"  # no --resume
+    assert launch == ("srun --kill-on-bad-exit=1 fakepython -m torch.distributed.run --nnodes 2 --nproc_per_node 8 "
+                      "--rdzv_backend c10d --rdzv_endpoint gpu-node-07:29500 --rdzv_id 4242 --max_restarts 0 "
+                      "-m mileloss train 1.2B loss.kind=mile --resume")
+    assert "2 node(s) x 8 GPU(s) = 16 processes" in result.stdout
+
+
+def test_slurm_script_stops_before_srun_when_the_plan_refuses_the_schedule(tmp_path):
+    import subprocess
+
+    env, log = _fake_cluster(tmp_path, fail_plan=True)
+    result = subprocess.run(["bash", str(SLURM_SCRIPT)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["python"]  # srun never ran
+    # without arguments the script's CONFIG line is used
+    assert "train 468M loss.kind=mile run.out=runs/468M-mile --dry-run --world-size 16" in log.read_text()
+
+
+def test_slurm_script_outside_a_job_says_how_to_submit_it(tmp_path):
+    import subprocess
+
+    env, _ = _fake_cluster(tmp_path)
+    del env["SLURM_JOB_ID"]
+    result = subprocess.run(["bash", str(SLURM_SCRIPT)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "submit this script with sbatch" in result.stderr
