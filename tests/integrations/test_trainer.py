@@ -171,3 +171,74 @@ def test_mile_trainer_evaluate_reports_the_patched_models_weighted_mean(tmp_path
         expected = model.eval()(input_ids=torch.stack([r["input_ids"] for r in rows]),
                                 labels=torch.stack([r["labels"] for r in rows])).loss
     assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+@needs_hooks
+@pytest.mark.parametrize("loss", ["mile", "focal"])
+def test_accumulation_4_equals_one_step_on_the_4x_batch_and_the_plain_trainer_deviation_is_measured(
+        tmp_path, initial, loss, capsys):
+    """k = 4 micro-batches of one row each vs one step on the 4 rows (two SGD steps, final weights). The plain
+    Trainer with the same patched model (the per-micro-batch weighted means, scaled by local / global count) is
+    measured against the same reference: the number the README quotes."""
+    one, one_losses = train(tmp_path, MiLeTrainer, loss, 1)
+    four, four_losses = train(tmp_path, MiLeTrainer, loss, 4)
+    for name in one:
+        torch.testing.assert_close(four[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    exact = deviation(four, one, initial)
+    assert exact < 1e-5
+    assert four_losses == pytest.approx(one_losses, rel=1e-5)
+    plain, _ = train(tmp_path, transformers.Trainer, loss, 4)
+    measured = deviation(plain, one, initial)
+    with capsys.disabled():
+        print(f"\n{loss} gamma=1.5 sigma=0.5, gradient_accumulation_steps=4 vs one step on the 4x batch, relative "
+              f"deviation of the 2-step update: plain Trainer {measured:.2e}, MiLeTrainer {exact:.2e}")
+    assert measured > 10 * max(exact, 1e-7)  # the plain Trainer is measurably off, so the check above can tell
+
+
+def _plain_trainer_step(tmp_path, model, accumulation, tag):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / tag), use_cpu=True, per_device_train_batch_size=4 // accumulation,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.05, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no", report_to="none", disable_tqdm=True,
+        seed=7)
+    transformers.Trainer(model=model, args=args, train_dataset=dataset()).train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_a_loss_set_as_model_loss_function_runs_through_trainer_with_hf_keywords(tmp_path, initial, capsys):
+    """transformers' own path: Trainer -> model.forward(num_items_in_batch=...) -> model.loss_function -> our
+    function with HF's keywords. CE set as ``model.loss_function`` equals HF's own CE under the Trainer and is
+    exact under accumulation. Selecting it by ``model.loss_type`` instead is measured: transformers 5.x's Trainer
+    counts num_items_in_batch over the shifted labels only when loss_type maps to its own ForCausalLMLoss."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    from mileloss.integrations import register_transformers_loss, transformers_loss_function
+
+    calls = []
+    function = transformers_loss_function("ce")
+
+    def recording(*args, **kwargs):
+        calls.append(sorted(kwargs))
+        return function(*args, **kwargs)
+
+    hf_own = _plain_trainer_step(tmp_path, tiny_llama(), 1, "hf")
+    results = {}
+    for accumulation in (1, 2):
+        model = tiny_llama()
+        model.loss_function = recording
+        results[accumulation] = _plain_trainer_step(tmp_path, model, accumulation, f"function-{accumulation}")
+    assert calls and all({"num_items_in_batch", "vocab_size"} <= set(kwargs) for kwargs in calls)
+    assert deviation(results[1], hf_own, initial) < 1e-5
+    assert deviation(results[2], results[1], initial) < 1e-5
+
+    key = register_transformers_loss("ce", name="ForCausalLM_mileloss_test_ce")
+    try:
+        model = tiny_llama()
+        model.loss_type = key
+        by_type = _plain_trainer_step(tmp_path, model, 1, "loss-type")
+    finally:
+        del LOSS_MAPPING[key]
+    with capsys.disabled():
+        print(f"\nCE selected by model.loss_type under transformers {transformers.__version__}'s Trainer: relative "
+              f"update deviation from HF's own CE {deviation(by_type, hf_own, initial):.2e}; as model.loss_function "
+              f"{deviation(results[1], hf_own, initial):.2e}")

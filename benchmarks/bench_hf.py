@@ -1,0 +1,182 @@
+"""One training step of the same Hugging Face Llama with HF's own loss vs ``apply_mileloss`` (not a test).
+
+    python benchmarks/bench_hf.py                       # CPU: hidden 256, 2 x 256 tokens, vocab 32000 and 128256
+    python benchmarks/bench_hf.py --device cuda         # GPU: bf16, hidden 1024, 8 x 1024 tokens, + Liger-Kernel
+
+Variants, each in a fresh subprocess (``--worker``; Liger-Kernel patches transformers' classes process-wide):
+``hf`` (``LlamaForCausalLM(..., labels=labels).loss``: the (tokens, vocab) logits, upcast to fp32, then
+cross-entropy), ``mileloss-ce`` and ``mileloss-mile`` (the same model after ``apply_mileloss``), and on CUDA
+``liger`` (``apply_liger_kernel_to_llama`` with only ``fused_linear_cross_entropy`` on, so that the body is the same
+as the others; "not installed" when ``liger_kernel`` cannot be imported). A step is forward + backward of the
+loss (no optimizer). Each worker builds the model with the same seed and the same batch, runs ``--warmup`` steps,
+then times ``--steps`` steps; the table gives the median step time, the peak memory of a step, their ratios to
+``hf`` of the same vocabulary, and the loss (the CE variants must agree with ``hf``: a sanity check).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the allocation just before the first step (the
+model, its gradients after the warm-up, the batch); on CPU the growth of the process's peak resident set
+(``ru_maxrss``, over the warm-up and the timed steps) over the resident set just before the timed steps (the
+model, its gradients, the batch), with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed tensors leave the
+resident set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("hf", "mileloss-ce", "mileloss-mile", "liger")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.worker == "liger":
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+        except ImportError as error:
+            return {"variant": args.worker, "vocab": args.vocab, "skipped": f"not installed ({error})"}
+        # only the fused linear cross-entropy: the body (RoPE, RMSNorm, SwiGLU) stays HF's, as for the others
+        apply_liger_kernel_to_llama(rope=False, cross_entropy=False, fused_linear_cross_entropy=True,
+                                    rms_norm=False, swiglu=False)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 64, 1),
+        num_key_value_heads=max(args.hidden // 64, 1), max_position_embeddings=args.seq_len,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    if args.worker.startswith("mileloss-"):
+        from mileloss.integrations import apply_mileloss
+
+        apply_mileloss(model, loss=args.worker.split("-", 1)[1], gamma=1.0, sigma=1.0)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=generator).to(device)
+    labels = input_ids.clone()
+
+    def step() -> float:
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        return float(loss)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    times, loss = [], None
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"variant": args.worker, "vocab": args.vocab, "ms": 1000 * statistics.median(times),
+            "peak_mib": peak / 2**20, "loss": loss, "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else f"cpu, {args.threads} threads", "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--vocabs", default="32000,128256", help="comma-separated vocabulary sizes")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size (default 256 on CPU, 1024 on CUDA)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 2 on CPU, 8 on CUDA")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 256 on CPU, 1024 on CUDA")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _defaults(args: argparse.Namespace) -> argparse.Namespace:
+    cuda = args.device.startswith("cuda")
+    args.hidden = args.hidden or (1024 if cuda else 256)
+    args.batch_size = args.batch_size or (8 if cuda else 2)
+    args.seq_len = args.seq_len or (1024 if cuda else 256)
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    return args
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| vocab | variant | step ms | time vs hf | peak MiB | memory vs hf | loss |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for vocab in dict.fromkeys(row["vocab"] for row in rows):
+        base = next((r for r in rows if r["vocab"] == vocab and r["variant"] == "hf" and "ms" in r), None)
+        for row in (r for r in rows if r["vocab"] == vocab):
+            if "skipped" in row:
+                lines.append(f"| {vocab} | {row['variant']} | {row['skipped']} | | | | |")
+                continue
+            time_ratio = f"{row['ms'] / base['ms']:.2f}" if base else "-"
+            memory_ratio = f"{row['peak_mib'] / base['peak_mib']:.2f}" if base and base["peak_mib"] > 0 else "-"
+            lines.append(f"| {vocab} | {row['variant']} | {row['ms']:.0f} | {time_ratio} | {row['peak_mib']:.0f} | "
+                         f"{memory_ratio} | {row['loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _defaults(_parser().parse_args(argv))
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    variants = VARIANTS if args.device.startswith("cuda") else VARIANTS[:3]
+    rows = []
+    for vocab in (int(v) for v in args.vocabs.split(",")):
+        for variant in variants:
+            command = [sys.executable, __file__, "--worker", variant, "--vocab", str(vocab), "--device", args.device,
+                       "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch-size",
+                       str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--steps",
+                       str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+            # a fixed mmap threshold: glibc then returns every large freed block to the OS at once, so the
+            # resident set follows the live tensors (with its default, growing threshold it keeps freed logits)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                rows.append({"variant": variant, "vocab": vocab, "skipped": f"failed (exit {done.returncode})"})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+    first = next((r for r in rows if "device" in r), {})
+    print(f"# {first.get('device')}, torch {first.get('torch')}, transformers {first.get('transformers')}; "
+          f"Llama hidden {args.hidden}, {args.layers} layers, {args.batch_size} x {args.seq_len} tokens, "
+          f"{args.dtype}, median of {args.steps} steps after {args.warmup} warm-up")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
