@@ -32,6 +32,8 @@ VERBS = {
     "train": Verb("mileloss.train.cli", "pretrain a LLaMA-style model with CE, focal or MiLe loss",
                   "checkpoints written so far are complete: continue with --resume",
                   "reduce run.batch_size, run.seq_len or the model size"),
+    "export": Verb("mileloss.train.export_cli", "a training checkpoint (any kind) as a save_pretrained folder",
+                   "--out is absent or complete: run the same command again"),
     "eval": Verb("mileloss.eval.cli", "frequency-bucket perplexity and downstream benchmarks",
                  "files already written are complete, nothing is half-written", "reduce --batch-size or --seq-len"),
     "report": Verb("mileloss.report.cli", "Markdown/HTML report with plots comparing runs",
@@ -41,7 +43,8 @@ VERBS = {
                       "use a smaller --budget or --device cpu"),
 }
 
-VERB_FEATURES = {"data": "train", "train": "train", "eval": "train", "report": "report", "reproduce": "train"}
+VERB_FEATURES = {"data": "train", "train": "train", "export": "train", "eval": "train", "report": "report",
+                 "reproduce": "train"}
 """The extra of ``mileloss[...]`` each verb needs (``mileloss.dependencies``); benchmarks are checked by eval and
 reproduce once they know whether any task will run."""
 

@@ -45,7 +45,7 @@ import logging
 import os
 import pickle
 import re
-import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,8 @@ from mileloss.train import checkpoint as plain
 logger = logging.getLogger(__name__)
 
 __all__ = ["apply_full_state", "is_sharded_checkpoint", "load_sharded_checkpoint", "read_sharded_trainer_state",
-           "save_sharded_checkpoint", "sharded_checkpoint_path", "sharded_checkpoint_steps", "verify_sharded_checkpoint"]
+           "save_sharded_checkpoint", "sharded_checkpoint_path", "sharded_checkpoint_steps",
+           "verify_sharded_checkpoint"]
 
 FORMAT = "mileloss-dcp-checkpoint"
 VERSION = 1
@@ -306,7 +307,10 @@ def save_sharded_checkpoint(directory: Path, step: int, model: torch.nn.Module, 
     model_state, optimizer_state = _state_dicts(model, optimizer)
     param_groups = optimizer_state["param_groups"]
     writer = dcp.FileSystemWriter(staging, single_file_per_rank=True, sync_files=True, thread_count=1)
-    dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, storage_writer=writer)
+    with warnings.catch_warnings():  # one process (tests, tools) is intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, storage_writer=writer,
+                 no_dist=not (dist.is_available() and dist.is_initialized()))
     del model_state, optimizer_state
     mine = {}
     failure = None
@@ -500,23 +504,26 @@ def load_sharded_checkpoint(folder: Path, model: torch.nn.Module, optimizer: tor
     missing = [key for key in wanted if key not in saved]
     wrong = [key for key in wanted if key in saved and not isinstance(saved[key], TensorStorageMetadata)]
     if missing or wrong:
-        raise CheckpointError(f"{folder}: the saved model or optimizer state does not fit this run: "
-                              f"{'missing ' + ', '.join(missing[:3]) if missing else 'non-tensor ' + ', '.join(wrong[:3])}")
+        what = "missing " + ", ".join(missing[:3]) if missing else "non-tensor " + ", ".join(wrong[:3])
+        raise CheckpointError(f"{folder}: the saved model or optimizer state does not fit this run: {what}")
     for key in wanted:
         shape = tuple(saved[key].size)
         if shape != wanted[key]:
             raise CheckpointError(f"{folder}: the saved model or optimizer state does not fit this run: {key} has "
                                   f"shape {shape} in the checkpoint, {wanted[key]} in this model")
     try:
-        dcp.load(target, storage_reader=_safe_reader(folder, metadata), planner=_safe_planner(),
-                 no_dist=not (dist.is_available() and dist.is_initialized()))
+        with warnings.catch_warnings():  # one process (export, or resume without a process group) is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, storage_reader=_safe_reader(folder, metadata), planner=_safe_planner(),
+                     no_dist=not (dist.is_available() and dist.is_initialized()))
     except UnsafeCheckpointError:
         raise
     except Exception as error:  # noqa: BLE001 - DCP wraps rank failures in its own exception types
         if isinstance(error.__cause__, UnsafeCheckpointError) or "UnsafeCheckpointError" in str(error):
             raise UnsafeCheckpointError(f"refusing to load {folder}: it holds a non-tensor entry") from None
         reason = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"cannot load the sharded checkpoint {folder}: {type(error).__name__}: {reason}") from None
+        raise CheckpointError(f"cannot load the sharded checkpoint {folder}: {type(error).__name__}: "
+                              f"{reason}") from None
     if optimizer is None:
         set_model_state_dict(model, model_state)
         return payload

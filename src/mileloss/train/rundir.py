@@ -42,7 +42,9 @@ import yaml
 import mileloss.run_folder as layout
 from mileloss.errors import FolderBusyError, NoCheckpointError, OutputFolderError, RunFolderNotEmptyError
 from mileloss.train.checkpoint import _NAME, _RECORD_NAME, _TEMPORARY, all_checkpoint_steps, incomplete_steps
-from mileloss.train.dcp import DIR_NAME as _SHARDED, STAGING as _SHARDED_STAGING, is_own_content as _is_sharded_content
+from mileloss.train.dcp import DIR_NAME as _SHARDED
+from mileloss.train.dcp import STAGING as _SHARDED_STAGING
+from mileloss.train.dcp import is_own_content as _is_sharded_content
 
 logger = logging.getLogger(__name__)
 
