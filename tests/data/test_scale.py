@@ -140,3 +140,78 @@ def test_bad_workers_is_a_config_error_before_anything_is_read(tmp_path, corpus_
     with pytest.raises(ConfigError, match="--workers must be an integer from 1 to 256"):
         prepare_corpus([corpus_dir], tmp_path / "out", workers=workers, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train time: the preflight refuses data whose specials disagree with its tokenizer, the model or the shards
+
+
+@pytest.fixture
+def llama_data(tmp_path, pile_zst):
+    records = pile_records()
+    path = llama_like_tokenizer_json(tmp_path / "tokenizer.json", [r["text"] for r in records])
+    return prepare_corpus([pile_zst], tmp_path / "llama_data", tokenizer=path, progress=False)
+
+
+def _edit_manifest(manifest, **changes):
+    data = json.loads(manifest.manifest_path.read_text())
+    data["specials"].update(changes)
+    manifest.manifest_path.write_text(json.dumps(data))
+    return load_manifest(manifest.path)
+
+
+def test_preflight_accepts_consistent_specials_and_refuses_a_model_vocabulary_without_them(llama_data):
+    from mileloss.errors import VocabMismatchError
+    from mileloss.train.preflight import check_document_specials
+
+    check_document_specials(load_manifest(llama_data.path), llama_data.vocab_size)
+    with pytest.raises(VocabMismatchError, match="special token id 2 is not below model.vocab_size 2"):
+        check_document_specials(load_manifest(llama_data.path), 2)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"document_start": []}, r"manifest says before each document \[\], .* but its tokenizer .* gives before "
+                                 r"each document \[1\].*not written with this tokenizer"),
+        ({"document_end": [2, 2]}, "not written with this tokenizer"),
+        ({"eos_token_id": 1, "document_end": [1]}, "specials.eos_token_id 1 differs from eos_token_id 2"),
+        ({"document_start": "<s>"}, "'specials' is malformed"),
+        ({"document_end": [0]}, "'specials' is malformed"),
+    ],
+)
+def test_preflight_refuses_specials_that_disagree_with_the_tokenizer(llama_data, changes, message):
+    from mileloss.errors import TokenizerMismatchError
+    from mileloss.train.preflight import check_document_specials
+
+    manifest = _edit_manifest(llama_data, **changes)
+    with pytest.raises(TokenizerMismatchError, match=message):
+        check_document_specials(manifest, manifest.vocab_size)
+
+
+def test_preflight_refuses_shards_that_do_not_start_with_the_recorded_bos(tmp_path, corpus_dir, monkeypatch):
+    """Data written with nothing before documents, a manifest (and tokenizer) claiming a bos: the shards tell."""
+    import mileloss.data.tokenizer as tokenizer_module
+    from mileloss.errors import TokenizerMismatchError
+    from mileloss.train.preflight import check_document_specials
+
+    manifest = prepare_corpus([corpus_dir], tmp_path / "data", vocab_size=400, progress=False)
+    claimed = _edit_manifest(manifest, document_start=[5])
+    claim = tokenizer_module.DocumentSpecials.from_json(claimed.extra["specials"])
+    monkeypatch.setattr(tokenizer_module, "document_specials", lambda tokenizer: claim)
+    with pytest.raises(TokenizerMismatchError, match=r"train split starts with id \d+ and ends with 0, but the"):
+        check_document_specials(claimed, claimed.vocab_size)
+
+
+@pytest.mark.slow  # ~20 s on 2 busy cores: a training process imports torch
+def test_mileloss_train_refuses_edited_specials_in_one_line_before_building_a_model(llama_data, tmp_path):
+    import subprocess
+
+    from tests.train._train_utils import subprocess_env, tiny_overrides, train_command
+
+    _edit_manifest(llama_data, document_start=[])
+    result = subprocess.run(train_command(tiny_overrides(llama_data.path, tmp_path / "run", **{"run.max_steps": 1})),
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "not written with this tokenizer" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mileloss.errors import PreflightError, ResumeMismatchError, VocabMismatchError
+from mileloss.errors import PreflightError, ResumeMismatchError, TokenizerMismatchError, VocabMismatchError
 from mileloss.models import get_preset
 from mileloss.train.config import TrainConfig, derive_grad_accum_steps
 from mileloss.train.distributed import DistributedContext
@@ -115,6 +115,54 @@ def check_tokenizer(manifest) -> None:
         )
 
 
+def check_document_specials(manifest, model_vocab_size: int | None = None) -> None:
+    """The special ids the manifest says surround each document must be those its tokenizer implies, fit the
+    model's vocabulary, and be where the shards put them (first and last token of the train split).
+
+    A manifest without ``specials`` (written before they were recorded) had eos after each document: accepted.
+
+    Raises:
+        TokenizerMismatchError: ``specials`` malformed, or not what the data folder's tokenizer gives
+            (``mileloss.data.tokenizer.document_specials``), or the shards do not start/end with them.
+        VocabMismatchError: a special id is not below ``model_vocab_size`` or the manifest's vocab_size.
+    """
+    from mileloss.data.shards import read_split
+    from mileloss.data.tokenizer import DocumentSpecials, document_specials, load_tokenizer
+
+    recorded = manifest.extra.get("specials")
+    if recorded is None:
+        return
+    where = manifest.manifest_path
+    try:
+        specials = DocumentSpecials.from_json(recorded)
+        ids = [*specials.document_start, *specials.document_end, specials.eos_token_id]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids) or not \
+                specials.document_end or specials.document_end[-1] != specials.eos_token_id:
+            raise TypeError("ids")
+    except (KeyError, TypeError, AttributeError) as error:
+        raise TokenizerMismatchError(f"{where}: 'specials' is malformed ({error})") from error
+    if specials.eos_token_id != manifest.eos_token_id:
+        raise TokenizerMismatchError(f"{where}: specials.eos_token_id {specials.eos_token_id} differs from "
+                                     f"eos_token_id {manifest.eos_token_id}")
+    for limit, what in ((manifest.vocab_size, "the manifest's vocab_size"), (model_vocab_size, "model.vocab_size")):
+        if limit is not None and max(ids) >= limit:
+            raise VocabMismatchError(f"{where}: special token id {max(ids)} is not below {what} {limit}")
+    actual = document_specials(load_tokenizer(manifest.tokenizer_dir))
+    if actual != specials:
+        raise TokenizerMismatchError(
+            f"{where}: the manifest says {specials.describe()}, but its tokenizer {manifest.tokenizer_dir} gives "
+            f"{actual.describe()}: the data was not written with this tokenizer; prepare it again with `mileloss data`"
+        )
+    train = read_split(manifest, "train", check_ids=False)
+    ends_a_document = manifest.extra.get("split_by") != "token_position"  # else the split ends mid-document
+    if len(train) and ((specials.document_start and int(train[0]) != specials.document_start[0])
+                       or (ends_a_document and int(train[len(train) - 1]) != specials.document_end[-1])):
+        raise TokenizerMismatchError(
+            f"{where}: the train split starts with id {int(train[0])} and ends with {int(train[len(train) - 1])}, "
+            f"but the manifest says {specials.describe()}"
+        )
+
+
 def resolve_schedule(config: TrainConfig, world_size: int) -> TrainConfig:
     """Fill in ``run.seq_len`` (the preset's), ``run.grad_accum_steps`` (derived from ``run.tokens_per_step`` for
     ``world_size`` processes, see :func:`~mileloss.train.config.derive_grad_accum_steps`) and ``run.max_steps``
@@ -155,6 +203,7 @@ def prepare_run(config: TrainConfig, context: DistributedContext, device: torch.
     manifest = load_checked_manifest(config.data.dir, config.data.verify_checksums)
     check_tokenizer(manifest)
     config = resolve_config(config, manifest, context.world_size)
+    check_document_specials(manifest, config.model.vocab_size)
     seq_len = config.run.seq_len
     for split in ("train", "val"):
         available = _split_tokens(manifest, split)
