@@ -157,7 +157,8 @@ def test_dry_run_text_names_every_quantity(tmp_path, capsys, monkeypatch):
     assert "gradient accumulation 4" in out  # 1,048,576 / (32 x 1024 x 8)
     assert "tokens per optimizer step: 1,048,576" in out and "total tokens: 104,857,600,000" in out
     assert "training FLOPs (6 x parameters x tokens): 2.946e+20" in out  # 6 * 468,239,360 * 104,857,600,000
-    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW state (fp32)", "activations", "total", "fits 90%"):
+    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW state (fp32)", "activations", "total",
+                "fits (<= 90% of 80.00 GiB)"):
         assert row in out
     assert list(tmp_path.iterdir()) == []
 

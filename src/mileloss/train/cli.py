@@ -148,7 +148,7 @@ def format_plan(plan) -> str:
     if plan.gpu_memory is not None:
         fits = plan.fits
         verdict = {mode: "fits" if fits[mode] else "does NOT fit" for mode in fits}
-        lines.append(f"  {'fits ' + f'{FIT_FRACTION:.0%} of ' + _gib(plan.gpu_memory).strip():<27} "
+        lines.append(f"  {'fits (<= ' + f'{FIT_FRACTION:.0%} of ' + _gib(plan.gpu_memory).strip() + ')':<27} "
                      f"{verdict['ddp']:>13} {verdict['fsdp']:>13}")
     lines.append(f"run.parallel={plan.parallel} is configured; the formulas and their sources: "
                  f"mileloss.train.plan's docstring")
