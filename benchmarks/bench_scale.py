@@ -1,0 +1,206 @@
+"""Per-rank memory and step time of DDP against FSDP2 with 2 gloo ranks on CPU (not a test).
+
+    python benchmarks/bench_scale.py                          # 'small' shape, vocab 32000: 58.2M parameters
+    python benchmarks/bench_scale.py --repeats 3 --steps 4
+    python benchmarks/bench_scale.py --small                  # tiny preset, seconds: checks the script runs
+
+Each (mode, repeat) is a fresh ``torchrun --standalone --nproc_per_node 2`` launch of this file with ``--worker
+MODE``; repeats alternate ddp, fsdp, ddp, fsdp, ... so machine drift hits both alike, and the table gives medians.
+A worker builds the model the way ``mileloss train`` does (``run.parallel=ddp``: ``build_model`` + DDP;
+``run.parallel=fsdp``: meta device, ``shard_model``, ``materialize_model``), then runs ``--warmup`` and ``--steps``
+timed optimizer steps of ``mileloss.train.loop.train_step`` (MiLe loss, fp32) + clipping + AdamW on random
+tokens, one torch thread per rank. It reports, per rank:
+
+* model state: the bytes of this rank's parameters, gradients (measured after backward, before the optimizer
+  step) and AdamW state (after the step), counting a sharded ``DTensor`` by its local shard;
+* peak RSS: the process's ``ru_maxrss`` at the end, and its growth from just after the process group started
+  (imports and the interpreter are the same in both modes);
+* step time: the median wall time of the timed steps.
+
+The issue's targets: model state under FSDP <= 0.6x DDP's, FSDP step time within 1.3x DDP's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ("ddp", "fsdp")
+MARK = "BENCH_SCALE_RESULT "
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class RandomTokens:
+    """A loader stand-in: uniform random token windows, a different stream per rank."""
+
+    def __init__(self, vocab: int, batch_size: int, seq_len: int, seed: int):
+        import torch
+
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab, self.shape = vocab, (batch_size, seq_len + 1)
+
+    def next_batch(self):
+        import torch
+
+        tokens = torch.randint(0, self.vocab, self.shape, generator=self.generator)
+        return tokens[:, :-1], tokens[:, 1:]
+
+
+def _tensor_bytes(tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mileloss.models import build_model, count_parameters, materialize_model
+    from mileloss.train.config import load_config
+    from mileloss.train.distributed import DistributedContext, clip_gradients, shard_model
+    from mileloss.train.loop import LanguageModelLoss, build_optimizer, train_step
+    from mileloss.train.preflight import PreparedRun
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    context, device = DistributedContext(rank, world, rank), torch.device("cpu")
+    base_rss = _rss_mib()
+    config = load_config(None, [f"model.preset={args.preset}", f"run.batch_size={args.batch_size}",
+                                f"run.seq_len={args.seq_len}", "run.grad_accum_steps=1", "loss.kind=mile",
+                                f"run.parallel={args.worker}", "run.checkpoint_every=0"])
+    run = PreparedRun(config, None, None, device, world, None)
+    torch.manual_seed(0)
+    if args.worker == "fsdp":
+        with torch.device("meta"):
+            model = build_model(args.preset, args.vocab)
+        wrapper = LanguageModelLoss(model, run.loss_kwargs)
+        shard_model(wrapper, context, device, True, None)
+        materialize_model(model, 0, device)
+        wrapped = wrapper
+    else:
+        model = build_model(args.preset, args.vocab)
+        wrapper = LanguageModelLoss(model, run.loss_kwargs)
+        wrapped = DistributedDataParallel(wrapper)
+    parameter_count = count_parameters(model)
+    optimizer = build_optimizer(model, config, device)
+    loader = RandomTokens(args.vocab, args.batch_size, args.seq_len, seed=rank)
+    sizes = {"parameters": 0, "gradients": 0, "optimizer": 0}
+
+    def step() -> float:
+        start = time.perf_counter()
+        train_step(wrapped, loader, run, context)
+        clip_gradients(model.parameters(), 1.0)
+        sizes["gradients"] = sum(_tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        sizes["parameters"] = sum(_tensor_bytes(p) for p in model.parameters())
+        sizes["optimizer"] = sum(_tensor_bytes(v) for state in optimizer.state.values() for v in state.values()
+                                 if isinstance(v, torch.Tensor))
+        return elapsed
+
+    for _ in range(args.warmup):
+        step()
+    dist.barrier()
+    times = [step() for _ in range(args.steps)]
+    times = [float(t) for t in times]
+    peak = _rss_mib()
+    dist.destroy_process_group()
+    return {"mode": args.worker, "rank": rank, "world_size": world, "parameter_count": parameter_count, **sizes,
+            "model_state": sum(sizes.values()), "step_seconds": statistics.median(times),
+            "peak_rss_mib": peak, "rss_growth_mib": peak - base_rss}
+
+
+def launch(mode: str, args: argparse.Namespace, passthrough: list[str]) -> list[dict]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               *passthrough, "--worker", mode]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_scale: the {mode} launch failed:\n{result.stderr[-3000:]}")
+    rows = [json.loads(line[len(MARK):]) for line in result.stdout.splitlines() if line.startswith(MARK)]
+    if sorted(row["rank"] for row in rows) != [0, 1]:
+        raise SystemExit(f"bench_scale: expected one result per rank from the {mode} launch, got {rows}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per launch")
+    parser.add_argument("--small", action="store_true", help="tiny preset, vocab 512, batch 2 x 32: a quick check")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.small:
+        args.preset, args.vocab, args.batch_size, args.seq_len, args.repeats = "tiny", 512, 2, 32, 1
+    if args.worker:
+        print(MARK + json.dumps(worker(args)), flush=True)
+        return 0
+
+    passthrough = ["--preset", args.preset, "--vocab", str(args.vocab), "--batch-size", str(args.batch_size),
+                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads)]
+    results: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for repeat in range(args.repeats):
+        for mode in MODES:
+            rows = launch(mode, args, passthrough)
+            results[mode].extend(rows)
+            print(f"repeat {repeat + 1}/{args.repeats} {mode}: " + "; ".join(
+                f"rank {r['rank']} state {r['model_state'] / 2**20:,.1f} MiB, peak RSS {r['peak_rss_mib']:,.0f} MiB, "
+                f"step {r['step_seconds']:.2f} s" for r in sorted(rows, key=lambda r: r["rank"])), file=sys.stderr)
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(row[key] for row in results[mode])
+
+    def worst(mode: str, key: str) -> float:
+        return max(row[key] for row in results[mode])
+
+    parameters = results["ddp"][0]["parameter_count"]
+    print(f"\n{args.preset} shape, vocab {args.vocab}: {parameters:,} parameters; 2 gloo ranks on CPU, "
+          f"{args.threads} thread(s) each, micro-batch {args.batch_size} x {args.seq_len}, MiLe loss, fp32 AdamW; "
+          f"median over {args.repeats} launch(es) x 2 ranks, {args.steps} timed step(s) each after {args.warmup} "
+          f"warm-up\n")
+    print("| per rank | parameters (MiB) | gradients (MiB) | AdamW state (MiB) | model state (MiB) | peak RSS (MiB) | "
+          "RSS growth (MiB) | step time (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode in MODES:
+        print(f"| {mode} | {median(mode, 'parameters') / 2**20:,.1f} | {median(mode, 'gradients') / 2**20:,.1f} | "
+              f"{median(mode, 'optimizer') / 2**20:,.1f} | {median(mode, 'model_state') / 2**20:,.1f} | "
+              f"{median(mode, 'peak_rss_mib'):,.0f} | {median(mode, 'rss_growth_mib'):,.0f} | "
+              f"{median(mode, 'step_seconds'):.2f} |")
+    state = worst("fsdp", "model_state") / median("ddp", "model_state")
+    rss = median("fsdp", "rss_growth_mib") / median("ddp", "rss_growth_mib")
+    speed = median("fsdp", "step_seconds") / median("ddp", "step_seconds")
+    checks = [("model state per rank, fsdp (largest rank) / ddp", state, 0.6),
+              ("step time, fsdp / ddp", speed, 1.3)]
+    print(f"\nRSS growth fsdp / ddp: {rss:.2f}x (reported, no target)")
+    failed = False
+    for label, value, limit in checks:
+        verdict = "pass" if value <= limit else "FAIL"
+        failed |= value > limit
+        print(f"{label}: {value:.2f}x (target <= {limit}x): {verdict}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
