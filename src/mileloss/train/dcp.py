@@ -330,8 +330,7 @@ def save_sharded_checkpoint(directory: Path, step: int, model: torch.nn.Module, 
         try:
             _commit(staging, final, directory, step, files, param_groups, state, context, keep, on_stage)
         except BaseException as error:  # noqa: BLE001 - re-raised on every rank by _agree
-            failure = error if isinstance(error, (CheckpointError, KeyboardInterrupt, SystemExit)) else CheckpointError(
-                f"cannot write {final}: {type(error).__name__}: {error}")
+            failure = CheckpointError(f"cannot write {final}: {error}") if isinstance(error, OSError) else error
     _agree(context, failure, f"committing {final}")
     return final
 
