@@ -7,6 +7,7 @@ untied embeddings), not computed with plan.py's helpers.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -259,3 +260,43 @@ def test_slurm_script_outside_a_job_says_how_to_submit_it(tmp_path):
     del env["SLURM_JOB_ID"]
     result = subprocess.run(["bash", str(SLURM_SCRIPT)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "submit this script with sbatch" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the scale benchmarks in their quick modes (slow: each starts fresh processes)
+
+
+@pytest.mark.slow
+def test_gpu_fsdp_script_trains_the_tiny_preset_on_cpu_with_one_fsdp_rank(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.train._train_utils import REPO, subprocess_env
+
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_fsdp.py"), "--device", "cpu", "--small", "--out",
+               str(out)]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["parameters"] == 984_192 and report["timed_steps"] == 3 and report["dtype"] == "fp32"
+    assert report["tokens_per_second"] > 0 and report["mfu"] == pytest.approx(
+        6 * 984_192 * report["tokens_per_second"] / 989e12)
+    assert all(math.isfinite(loss) for loss in report["losses"]) and report["losses"][-1] < report["losses"][0]
+    again = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrites a result
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_scale_quick_mode_measures_half_the_model_state_per_fsdp_rank():
+    import subprocess
+    import sys
+
+    from tests.train._train_utils import REPO, subprocess_env
+
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_scale.py"), "--small", "--steps", "1"]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert "model state per rank, fsdp (largest rank) / ddp: 0.50x (target <= 0.6x): pass" in result.stdout, (
+        result.stdout + result.stderr[-3000:])
+    assert "984,192 parameters" in result.stdout
