@@ -452,6 +452,60 @@ def test_sigkill_of_a_real_run_is_detected_and_cleaned_by_the_next_run(tmp_path,
     assert leftovers(tmp_path, "data") == []
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow  # ~30-60 s on 2 busy cores: three runs, spawned workers import torch
+def test_sigkill_of_a_run_with_two_workers_leaves_no_worker_and_the_rerun_gives_the_uninterrupted_shards(
+    tmp_path, big_corpus
+):
+    reference = prepare_corpus([big_corpus], tmp_path / "reference", vocab_size=2000, max_shard_tokens=500,
+                               progress=False)
+    out = tmp_path / "data"
+    args = ("--corpus", big_corpus, "--out", out, "--vocab-size", "2000", "--max-shard-tokens", "500",
+            "--workers", "2")
+    process = _data_process(*args, cwd=tmp_path)
+    workers: list[int] = []
+
+    def writing_with_workers() -> bool:
+        staging = _staging(tmp_path, "data")
+        workers[:] = _children(process.pid)
+        return staging is not None and len(list(staging.glob("train_*.bin"))) >= 2 and len(workers) >= 2
+
+    _wait_for(writing_with_workers, process)
+    process.send_signal(signal.SIGKILL)
+    _finish(process)
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+              for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+             and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]]
+    for pid in alive:  # our own orphans: do not leave them running, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert alive == [], "pool workers outlived the killed run"
+    assert not out.exists()
+    with pytest.raises(IncompleteDataError):
+        load_manifest(_staging(tmp_path, "data"))
+    rerun = _data_process(*args, cwd=tmp_path)
+    assert rerun.wait(timeout=600) == 0, _finish(rerun)
+    _finish(rerun)
+    assert leftovers(tmp_path, "data") == []
+    names = sorted(path.name for path in reference.path.glob("*.bin"))
+    assert len(names) > 4 and names == sorted(path.name for path in out.glob("*.bin"))
+    for name in names:
+        assert (out / name).read_bytes() == (reference.path / name).read_bytes(), name
+    load_manifest(out)
+
+
 def test_a_stopped_run_keeps_the_lock_and_sigterm_leaves_nothing_the_next_run_cannot_clean(tmp_path, big_corpus):
     out = tmp_path / "data"
     first = _data_process("--corpus", big_corpus, "--out", out, "--vocab-size", "2000", cwd=tmp_path)
