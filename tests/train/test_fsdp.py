@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mileloss.errors import ConfigValueError, ShardedCheckpointError
+from mileloss.errors import ConfigValueError
 from mileloss.models import build_model, materialize_model
 from mileloss.train import load_config, train
 from mileloss.train.distributed import fsdp_mixed_precision
@@ -30,14 +30,9 @@ def test_parallel_key_accepts_ddp_and_fsdp_only(data_dir, tmp_path):
         load_config(None, tiny_overrides(data_dir, tmp_path, **{"run.parallel": "zero3"}))
 
 
-def test_fsdp_refuses_checkpoints_and_resume_until_dcp_exists(data_dir, tmp_path):
-    with pytest.raises(ShardedCheckpointError, match="DCP format.*not implemented"):
-        load_config(None, tiny_overrides(data_dir, tmp_path, **{"run.parallel": "fsdp"}))  # checkpoint_every=4
-    config = load_config(None, tiny_overrides(data_dir, tmp_path / "run", **{"run.parallel": "fsdp",
-                                                                             "run.checkpoint_every": 0}))
-    with pytest.raises(ShardedCheckpointError, match="--resume"):
-        train(config, resume=True)
-    assert not (tmp_path / "run").exists()  # refused before the run folder is claimed
+def test_fsdp_accepts_checkpoints_now_that_they_are_sharded(data_dir, tmp_path):
+    config = load_config(None, tiny_overrides(data_dir, tmp_path, **{"run.parallel": "fsdp"}))  # checkpoint_every=4
+    assert (config.run.parallel, config.run.checkpoint_every) == ("fsdp", 4)  # DCP: tests/train/test_fsdp_checkpoint
 
 
 def test_mixed_precision_is_bf16_with_fp32_reduction_on_cuda_only():
