@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mileloss.losses import compiled as _compiled
 from mileloss.losses.weights import log_token_weight, log_weight_derivative, log_weight_shift
 
 _LOG_CLAMP = math.log(1e-8)  # the official code clamps the softmax to [1e-8, 1] before its log
@@ -51,6 +52,7 @@ class LossSpec:
     softcap: float | None = None
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    compile: bool | str = "auto"  # the per-chunk math compiled (True), eager (False), or as measured ("auto")
 
     @property
     def needs_entropy(self) -> bool:
@@ -107,6 +109,18 @@ class LogitsHead:
     def chunk_logits(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         out.copy_(self.logits[start:stop])  # upcast to the compute dtype; never modify the caller's logits
         return out
+
+    # the compiled path (compiled.py): it reads the rows as they are and writes the gradient into the result
+    bias = None
+
+    def raw_buffer(self, rows: int) -> None:
+        return None
+
+    def raw_logits(self, buffer, start: int, stop: int) -> torch.Tensor:
+        return self.logits[start:stop]
+
+    def compiled_out(self, raw: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        return None if self.grad_logits is None else self.grad_logits[start:stop]
 
     def gradient_buffer(self, scratch: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Where the chunk's fp32 gradient is built: straight into the result when it is fp32."""
@@ -166,6 +180,17 @@ class LinearHead:
     def gradient_buffer(self, scratch: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return scratch
 
+    def raw_buffer(self, rows: int) -> torch.Tensor:
+        """The compiled path's one (chunk, V) buffer, in the GEMM's output dtype (bf16 for bf16 on CUDA)."""
+        return torch.empty((rows, self.vocab), dtype=self.gemm_weight.dtype, device=self.weight.device)
+
+    def raw_logits(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """h @ W.T into ``buffer`` (the bias is added inside the compiled function)."""
+        return torch.mm(self._rows(start, stop), self.gemm_weight.t(), out=buffer)
+
+    def compiled_out(self, raw: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return raw  # the gradient overwrites the logits it came from
+
     def allocate_grads(self, needs: tuple[bool, ...]) -> None:
         zeros = lambda like: torch.zeros_like(like, dtype=self.dtype)  # noqa: E731
         self.grad_hidden = zeros(self.hidden) if needs[0] else None
@@ -181,19 +206,19 @@ class LinearHead:
 
     def accumulate(self, grad_z: torch.Tensor, start: int, stop: int) -> None:
         h = self._rows(start, stop)
-        if h.dtype == grad_z.dtype:
+        if h.dtype == grad_z.dtype == self.dtype:
             if self.grad_hidden is not None:
                 torch.mm(grad_z, self.gemm_weight, out=self.grad_hidden[start:stop])  # (C, V) @ (V, D)
             if self.grad_weight is not None:
                 self.grad_weight.addmm_(grad_z.t(), h)  # (V, C) @ (C, D)
-        else:  # CUDA, low precision: GEMMs in the inputs' dtype, fp32 results
+        else:  # CUDA, low precision: GEMMs in the inputs' dtype, fp32 results (grad_z fp32, or bf16 compiled)
             g = grad_z.to(h.dtype)
             if self.grad_hidden is not None:
                 self.grad_hidden[start:stop] = _mm_wide(g, self.weight, self.dtype)
             if self.grad_weight is not None:
                 self.grad_weight.add_(_mm_wide(g.t(), h, self.dtype))
         if self.grad_bias is not None:
-            self.grad_bias.add_(grad_z.sum(0))
+            self.grad_bias.add_(grad_z.sum(0, dtype=self.dtype))
 
     def grads(self) -> tuple[torch.Tensor | None, ...]:
         return (self.grad_hidden, self.grad_weight, self.grad_bias)
@@ -368,32 +393,62 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
     device = targets.device
     chunk = spec.chunk_size or default_chunk_size(n, vocab, head.hidden_dim, device)
     dtype = compute_dtype(head.output_dtypes()[0])
-    z_buf = torch.empty((min(chunk, n), vocab), dtype=dtype, device=device)
-    e_buf = torch.empty_like(z_buf)
-    cap_buf = torch.empty_like(z_buf) if spec.softcap is not None else None
+    rows_max = min(chunk, n)
+    use_compiled = n > 0 and _compiled.wants_compile(spec.compile, rows_max, vocab, device)
+    buffers = None if use_compiled else _eager_buffers(spec, rows_max, vocab, dtype, device)
+    raw = head.raw_buffer(rows_max) if use_compiled else None
+    opts = _compiled.chunk_options(spec)
+    mode = "stats" if coefs is None else "weight" if coefs == "weight" else "coefs"
     valid_all = targets != spec.ignore_index
     safe_all = torch.where(valid_all, targets, torch.zeros_like(targets))
     running = torch.full((), -math.inf, dtype=dtype, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = stop - start
-        z = head.chunk_logits(z_buf[:rows], start, stop)
-        e = e_buf[:rows]
-        if cap_buf is not None:  # z <- s tanh(z / s), the tanh kept for the gradient
-            tanh = torch.div(z, spec.softcap, out=cap_buf[:rows]).tanh_()
-            torch.mul(tanh, spec.softcap, out=z)
         safe, valid = safe_all[start:stop], valid_all[start:stop]
         log_t = None if log_token_weights is None else log_token_weights[start:stop]
-        stats = chunk_row_stats(z, e, safe, valid, spec, log_t)
+        if mode == "coefs":
+            coef_ce, coef_logw, coef_z = (None if c is None else c[start:stop] for c in coefs)
+        else:
+            coef_ce = coef_logw = coef_z = None
+        grad_z = None
+        if use_compiled:
+            try:
+                src = head.raw_logits(None if raw is None else raw[:rows], start, stop)
+                out = None if mode == "stats" else head.compiled_out(src, start, stop)
+                if rows != rows_max:
+                    _compiled.mark_ragged(src, out, safe, valid, log_t, coef_ce, coef_logw, coef_z)
+                with torch.no_grad():
+                    if out is not None and out is src:
+                        fn = _compiled.compiled("in_place", opts, mode)
+                        stats, grown = fn(src, head.bias, safe, valid, log_t, running, coef_ce, coef_logw, coef_z)
+                    else:
+                        fn = _compiled.compiled("write_back", opts, mode)
+                        stats, grown = fn(src, out, head.bias, safe, valid, log_t, running, coef_ce, coef_logw,
+                                          coef_z)
+                grad_z = out
+            except Exception as error:  # noqa: BLE001 - any failure of inductor: warn once, then eager
+                _compiled.give_up(error)
+                use_compiled, raw = False, None
+                buffers = _eager_buffers(spec, rows_max, vocab, dtype, device)
+        if not use_compiled:
+            z_buf, e_buf, cap_buf = buffers
+            z = head.chunk_logits(z_buf[:rows], start, stop)
+            e = e_buf[:rows]
+            tanh = None
+            if cap_buf is not None:  # z <- s tanh(z / s), the tanh kept for the gradient
+                tanh = torch.div(z, spec.softcap, out=cap_buf[:rows]).tanh_()
+                torch.mul(tanh, spec.softcap, out=z)
+            stats = chunk_row_stats(z, e, safe, valid, spec, log_t)
+            if mode == "weight":
+                grown = torch.maximum(running, stats["log_weight"].max())  # NaN propagates
         if stats_out is not None:
             for key in stats_out:
                 if key != "row_shift":
                     stats_out[key][start:stop] = stats[key]
-        if coefs is None:
+        if mode == "stats":
             continue
-        if coefs == "weight":
-            log_weight = stats["log_weight"]
-            grown = torch.maximum(running, log_weight.max())  # NaN propagates
+        if mode == "weight":
             if head.accumulates:
                 old, new = float(running), float(grown)
                 if old != -math.inf and not old == new:  # NaN compares unequal: the sums become NaN
@@ -401,16 +456,22 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
             running = grown
             if stats_out is not None and "row_shift" in stats_out:
                 stats_out["row_shift"][start:stop] = running
-            base = torch.where(running == -math.inf, torch.zeros_like(running), running)
-            coef_ce, coef_logw, coef_z = torch.exp(log_weight - base), None, None
-        else:
-            coef_ce, coef_logw, coef_z = (None if c is None else c[start:stop] for c in coefs)
-        out = head.gradient_buffer(e, start, stop)
-        grad_z = chunk_logit_grad(z, e, out, stats, safe, coef_ce, coef_logw, spec, coef_z)
-        if cap_buf is not None:  # chain rule through s tanh(z / s): g <- g - g tanh^2 (two passes)
-            grad_z.addcmul_(grad_z, tanh.square_(), value=-1.0)
+            if not use_compiled:
+                base = torch.where(running == -math.inf, torch.zeros_like(running), running)
+                coef_ce = torch.exp(stats["log_weight"] - base)
+        if not use_compiled:
+            out = head.gradient_buffer(e, start, stop)
+            grad_z = chunk_logit_grad(z, e, out, stats, safe, coef_ce, coef_logw, spec, coef_z)
+            if tanh is not None:  # chain rule through s tanh(z / s): g <- g - g tanh^2 (two passes)
+                grad_z.addcmul_(grad_z, tanh.square_(), value=-1.0)
         head.accumulate(grad_z, start, stop)
     return running if coefs == "weight" else None
+
+
+def _eager_buffers(spec: LossSpec, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    """The eager path's two (chunk, V) buffers (logits, exp) and, with a softcap, a third for the tanh."""
+    z_buf = torch.empty((rows, vocab), dtype=dtype, device=device)
+    return z_buf, torch.empty_like(z_buf), torch.empty_like(z_buf) if spec.softcap is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------

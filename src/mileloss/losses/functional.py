@@ -84,6 +84,7 @@ from mileloss.errors import (
 )
 from mileloss.losses.autograd import TokenStats, TokenWeightedLossFunction, _forward, token_mass
 from mileloss.losses.chunked import LossSpec
+from mileloss.losses.compiled import compile_setting
 from mileloss.losses.weights import WEIGHTINGS, log_weight_shift
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -150,7 +151,7 @@ def _label_smoothing(value) -> float:
 
 def make_spec(weighting="mile", gamma=1.0, sigma=1.0, ignore_index=-100, reduction="mean", normalize="weighted",
               detach_weight=True, process_group=None, chunk_size=None, return_stats=False, softcap=None,
-              label_smoothing=0.0, z_loss=0.0) -> LossSpec:
+              label_smoothing=0.0, z_loss=0.0, compile="auto") -> LossSpec:
     """Check every option (named :class:`ParameterError` on a wrong type or value) and build the spec."""
     spec = LossSpec(
         weighting=_choice("weighting", weighting, WEIGHTINGS),
@@ -166,6 +167,7 @@ def make_spec(weighting="mile", gamma=1.0, sigma=1.0, ignore_index=-100, reducti
         softcap=_softcap(softcap),
         label_smoothing=_label_smoothing(label_smoothing),
         z_loss=_real("z_loss", z_loss, math.inf),
+        compile=compile_setting(compile),
     )
     if spec.chunk_size is not None and spec.chunk_size < 1:
         raise ParameterError(f"chunk_size must be a positive int or None, got {spec.chunk_size!r}")
@@ -281,6 +283,7 @@ def token_weighted_loss(
     label_smoothing: float = 0.0,
     token_weights: torch.Tensor | None = None,
     z_loss: float = 0.0,
+    compile: bool | str = "auto",
 ):
     """Token-weighted cross-entropy from logits, chunked; ``weighting`` in {"ce", "focal", "mile"}.
 
@@ -325,6 +328,11 @@ def token_weighted_loss(
             c * exp(-c_shift) * sum_i t_i lse_i^2 and "none" the per-token c * exp(-c_shift) t_i lse_i^2 (so
             "sum" is the sum of "none"; ``TokenStats.z_loss_sum`` reports the part). A z-loss > 0 makes the
             backward recompute the chunks (one more sweep).
+        compile: the element-wise math of each chunk compiled with ``torch.compile`` (True), eager (False), or
+            "auto": compiled where it was measured faster (chunks of >= 2^20 logits on CPU or CUDA), else
+            eager; the environment variable ``MILELOSS_COMPILE=0``/``1`` overrides "auto" (not an explicit
+            True/False). Same results to rounding; if compilation fails, one ``RuntimeWarning`` and the eager
+            path (``mileloss.losses.compiled``).
     Returns:
         The loss (0-d, or shaped like ``targets`` for "none"), and the stats if asked. A mean comes back in
         the logits' dtype; "sum" and "none" in float32 (float64 for float64 logits), also for 16-bit logits.
@@ -335,7 +343,7 @@ def token_weighted_loss(
         ParameterError (all ``ValueError``).
     """
     spec = make_spec(weighting, gamma, sigma, ignore_index, reduction, normalize, detach_weight, process_group,
-                     chunk_size, return_stats, softcap, label_smoothing, z_loss)
+                     chunk_size, return_stats, softcap, label_smoothing, z_loss, compile)
     _check_float("logits", logits, 1)
     _check_tensor("targets", targets)
     _check_devices(logits=logits, targets=targets)
@@ -368,6 +376,7 @@ def linear_token_weighted_loss(
     label_smoothing: float = 0.0,
     token_weights: torch.Tensor | None = None,
     z_loss: float = 0.0,
+    compile: bool | str = "auto",
 ):
     """Token-weighted cross-entropy of ``F.linear(hidden, weight, bias)`` without the (N, V) logits.
 
@@ -380,7 +389,7 @@ def linear_token_weighted_loss(
         Other arguments as in :func:`token_weighted_loss`.
     """
     spec = make_spec(weighting, gamma, sigma, ignore_index, reduction, normalize, detach_weight, process_group,
-                     chunk_size, return_stats, softcap, label_smoothing, z_loss)
+                     chunk_size, return_stats, softcap, label_smoothing, z_loss, compile)
     _check_float("hidden", hidden, 1)
     _check_float("weight", weight, 2)
     _check_tensor("targets", targets)

@@ -17,12 +17,13 @@ class TokenWeightedLoss(torch.nn.Module):
     def __init__(self, *, gamma: float = 1.0, sigma: float = 1.0, ignore_index: int = -100,
                  reduction: str = "mean", normalize: str = "weighted", detach_weight: bool = True,
                  process_group=None, chunk_size: int | None = None, return_stats: bool = False,
-                 softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0):
+                 softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 compile: bool | str = "auto"):
         super().__init__()
         self.options = dict(weighting=self.weighting, gamma=gamma, sigma=sigma, ignore_index=ignore_index,
                             reduction=reduction, normalize=normalize, detach_weight=detach_weight,
                             process_group=process_group, chunk_size=chunk_size, return_stats=return_stats,
-                            softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss)
+                            softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, compile=compile)
         make_spec(**self.options)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor | None = None):
