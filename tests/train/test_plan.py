@@ -175,9 +175,14 @@ def test_dry_run_takes_the_vocabulary_from_the_data_manifest(data_dir, capsys):
     (["6.7B", "--dry-run", "model.vocab_size=32000", "--world-size", "3"], "is not a whole number of micro-batches"),
     (["6.7B", "--dry-run", "model.vocab_size=32000", "--world-size", "0"], "--world-size must be >= 1"),
     (["6.7B", "--dry-run", "model.vocab_size=32000", "--gpu-memory", "eighty"], "--gpu-memory: cannot read"),
+    (["tiny", "--dry-run", "data.dir=broken"], "manifest.json: not valid JSON"),  # the vocabulary from a bad file
+    (["tiny", "--dry-run", "model.vocab_size=512", "run.tokens_per_step=4096", "run.grad_accum_steps=3"],
+     "run.grad_accum_steps=3 gives 6,144 tokens per step"),
 ])
 def test_dry_run_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text('{"format": "mileloss-shards"')  # cut short
     code, out, err = _train(argv, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
