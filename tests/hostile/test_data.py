@@ -854,7 +854,7 @@ def test_the_tokenizer_gets_bounded_pieces_whatever_the_document_size(tmp_path, 
     (tmp_path / "big.txt").write_text("\n".join(lines))  # ~ 600 kB: streamed
     (tmp_path / "small.txt").write_text("\n".join(lines[:1000]))  # ~ 30 kB: held whole, still cut into pieces
     seen_training, seen_encoding = [], []
-    real_train, real_encode = prepare.train_tokenizer, writer.encode_batch
+    real_train, real_encode = prepare.train_tokenizer, writer.TextEncoder.__call__
 
     def train(texts, vocab_size):
         def recorded():
@@ -864,12 +864,12 @@ def test_the_tokenizer_gets_bounded_pieces_whatever_the_document_size(tmp_path, 
 
         return real_train(recorded(), vocab_size)
 
-    def encode(tokenizer, texts):
+    def encode(encoder, texts):
         seen_encoding.append([len(text) for text in texts])
-        return real_encode(tokenizer, texts)
+        return real_encode(encoder, texts)
 
     monkeypatch.setattr(prepare, "train_tokenizer", train)
-    monkeypatch.setattr(writer, "encode_batch", encode)
+    monkeypatch.setattr(writer.TextEncoder, "__call__", encode)
     manifest = prepare_corpus(
         [tmp_path / "big.txt", tmp_path / "small.txt"], tmp_path / "data", vocab_size=VOCAB, progress=False
     )
