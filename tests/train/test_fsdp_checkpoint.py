@@ -214,6 +214,91 @@ def test_overwrite_removes_sharded_checkpoints_but_not_a_foreign_file_inside_one
     assert list(run.iterdir()) == []
 
 
+def test_a_symlinked_step_folder_is_not_a_checkpoint_and_survives_pruning(tmp_path):
+    model, optimizer = _trained()
+    elsewhere = _save(tmp_path / "elsewhere", 9, model, optimizer)
+    directory = tmp_path / "checkpoints"
+    _save(directory, 2, model, optimizer)
+    (directory / "step_00000009").symlink_to(elsewhere)
+    assert sharded_checkpoint_steps(directory) == [2] and latest_checkpoint(directory).name == "step_00000002"
+    _save(directory, 3, model, optimizer, keep=1)
+    assert (elsewhere / MANIFEST).exists() and (directory / "step_00000009").is_symlink()
+
+
+@pytest.fixture(scope="module")
+def single_run(data_dir, tmp_path_factory) -> Path:
+    """A 2-step single-process run with a .pt checkpoint at each step."""
+    from mileloss.train import load_config, train
+
+    out = tmp_path_factory.mktemp("single") / "run"
+    threads = torch.get_num_threads()
+    try:
+        train(load_config(None, tiny_overrides(data_dir, out, **{"run.max_steps": 2, "run.checkpoint_every": 1,
+                                                                 "run.eval_every": 0, "run.num_threads": 1})))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_export_verb_writes_a_folder_from_pretrained_loads_with_the_checkpoint_logits(single_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from mileloss import cli
+    from mileloss.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(single_run), "--step", "1", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "mileloss_run.json").read_text())["steps"] == 1
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    reference = build_model("tiny", vocab_size=model.config.vocab_size, num_hidden_layers=2).eval()
+    reference.load_state_dict(load_checkpoint(single_run / "checkpoints" / "step_00000001.pt")["model"])
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no staging folder left
+
+
+def test_export_verb_refuses_bad_input_in_one_line_and_writes_nothing(single_run, tmp_path, capsys):
+    from mileloss import cli
+
+    def error(argv):
+        assert cli.main(["export", *argv]) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    out = str(tmp_path / "out")
+    assert "does not exist" in error([str(tmp_path / "nope"), "--out", out])
+    assert "no complete checkpoint of step 7" in error([str(single_run), "--step", "7", "--out", out])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    assert "not an empty folder" in error([str(single_run), "--out", str(tmp_path / "taken")])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(single_run, damaged)
+    pt = damaged / "checkpoints" / "step_00000002.pt"
+    pt.write_bytes(pt.read_bytes()[:-1] + bytes([pt.read_bytes()[-1] ^ 1]))
+    assert "differs" in error([str(damaged), "--out", out])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "taken"]
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+
+
+def test_two_exports_into_one_folder_never_mix_or_replace(single_run, tmp_path, monkeypatch):
+    import mileloss.train.export as export
+
+    out = tmp_path / "out"
+    write = export.write_pretrained
+
+    def other_export_finishes_first(*args, **kwargs):
+        folder = write(*args, **kwargs)
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"the other export")
+        return folder
+
+    monkeypatch.setattr(export, "write_pretrained", other_export_finishes_first)
+    with pytest.raises(OutputFolderError, match="appeared while exporting"):
+        export.export_checkpoint(single_run, out)
+    assert (out / "model.safetensors").read_bytes() == b"the other export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # this export's staging folder removed
+
+
 # --- multi-process: torchrun with gloo ranks -------------------------------------------------------------------------
 
 from tests.train._train_utils import REPO, subprocess_env, tiny_overrides  # noqa: E402

@@ -80,7 +80,7 @@ def sharded_checkpoint_path(directory: Path, step: int) -> Path:
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    return Path(path).is_dir() and bool(DIR_NAME.match(Path(path).name))
+    return Path(path).is_dir() and not Path(path).is_symlink() and bool(DIR_NAME.match(Path(path).name))
 
 
 def sharded_checkpoint_steps(directory: Path) -> list[int]:
@@ -88,8 +88,8 @@ def sharded_checkpoint_steps(directory: Path) -> list[int]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in directory.iterdir()
-                  if (m := DIR_NAME.match(p.name)) and p.is_dir() and (p / MANIFEST).is_file())
+    return sorted(int(m.group(1)) for p in directory.iterdir()  # a symbolic link is never one of ours
+                  if (m := DIR_NAME.match(p.name)) and p.is_dir() and not p.is_symlink() and (p / MANIFEST).is_file())
 
 
 def incomplete_sharded_steps(directory: Path) -> list[int]:
@@ -160,7 +160,7 @@ def _cpu_group():
     return _GLOO[0]
 
 
-def _all_gather(context, value: Any) -> list[Any]:
+def gather_from_ranks(context, value: Any) -> list[Any]:
     if context.world_size == 1:
         return [value]
     gathered: list[Any] = [None] * context.world_size
@@ -323,7 +323,7 @@ def save_sharded_checkpoint(directory: Path, step: int, model: torch.nn.Module, 
         failure = CheckpointError(f"rank {context.rank} cannot read back its shards in {staging}: {error}")
     _agree(context, failure, f"hashing the shards of {final}")
     files: dict[str, dict] = {}
-    for part in _all_gather(context, mine):
+    for part in gather_from_ranks(context, mine):
         files.update(part)
     failure = None
     if context.is_main:

@@ -243,6 +243,14 @@ def _saved_config_for(state: dict, run: PreparedRun, context, path: Path) -> dic
 def _resume(run: PreparedRun, model, optimizer, scheduler, loader, context, sharded_model: bool) -> tuple[int, int]:
     """Load the newest checkpoint (either kind) into this run's model, optimizer, scheduler, loader and RNGs."""
     path = latest_checkpoint(run.checkpoint_dir)
+    if context.world_size > 1:  # every rank must resume from the same checkpoint (they all see run.out)
+        from mileloss.train.dcp import gather_from_ranks
+
+        names = gather_from_ranks(context, None if path is None else path.name)
+        if len(set(names)) > 1:
+            raise NoCheckpointError(f"--resume: the ranks see different newest checkpoints in {run.checkpoint_dir} "
+                                    f"({', '.join(f'rank {r}: {n}' for r, n in enumerate(names))}); run.out must be "
+                                    f"the same folder for every rank (one machine or a shared file system)")
     if path is None:  # rank 0 found one when it claimed the folder: this rank does not see the same files
         raise NoCheckpointError(f"--resume: rank {context.rank} finds no complete checkpoint in {run.checkpoint_dir}")
     if is_sharded_checkpoint(path):  # a collective: every rank verifies its share, then DCP reshards
