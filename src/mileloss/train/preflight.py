@@ -277,7 +277,7 @@ def check_resume_compatible(saved: dict[str, dict], current: TrainConfig, path: 
     derived = ""
     if "run.grad_accum_steps" in {key for key, _, _ in differences} and current.run.tokens_per_step is not None:
         derived = (" (run.grad_accum_steps is derived from run.tokens_per_step / (run.batch_size x run.seq_len x "
-                   "world size): resume with the batch size and number of processes the run started with)")
+                   "world size): resume with the run.batch_size the run started with)")
     raise ResumeMismatchError(
         f"cannot resume from {path}: the config differs in {listed}{why}{derived}; resume with {keep}, or start a "
         f"new run in another run.out"
