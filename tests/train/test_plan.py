@@ -170,6 +170,13 @@ def test_dry_run_takes_the_vocabulary_from_the_data_manifest(data_dir, capsys):
     assert json.loads(out)["shape"]["vocab"] == 512
 
 
+def test_dry_run_for_one_process_says_which_column_applies(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code, out, err = _train(["tiny", "--dry-run", "model.vocab_size=512"], capsys)
+    assert code == 0, err
+    assert "world size 1," in out and "one process trains without DDP or FSDP" in out
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["tiny", "--dry-run", "data.dir=nowhere"], "--dry-run needs the vocabulary size: set model.vocab_size=N"),
     (["6.7B", "--dry-run", "model.vocab_size=32000", "--world-size", "3"], "is not a whole number of micro-batches"),

@@ -150,6 +150,9 @@ def format_plan(plan) -> str:
         verdict = {mode: "fits" if fits[mode] else "does NOT fit" for mode in fits}
         lines.append(f"  {'fits (<= ' + f'{FIT_FRACTION:.0%} of ' + _gib(plan.gpu_memory).strip() + ')':<27} "
                      f"{verdict['ddp']:>13} {verdict['fsdp']:>13}")
+    if plan.world_size == 1:
+        lines.append("one process trains without DDP or FSDP (run.parallel is ignored): read the ddp column, which "
+                     "has no gradient buckets at world size 1")
     lines.append(f"run.parallel={plan.parallel} is configured; the formulas and their sources: "
                  f"mileloss.train.plan's docstring")
     return "\n".join(lines)
