@@ -32,9 +32,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 MODES = ("ddp", "fsdp")
-MARK = "BENCH_SCALE_RESULT "
 
 
 def _rss_mib() -> float:
@@ -136,13 +136,17 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def launch(mode: str, args: argparse.Namespace, passthrough: list[str]) -> list[dict]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               *passthrough, "--worker", mode]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
-    if result.returncode != 0:
-        raise SystemExit(f"bench_scale: the {mode} launch failed:\n{result.stderr[-3000:]}")
-    rows = [json.loads(line[len(MARK):]) for line in result.stdout.splitlines() if line.startswith(MARK)]
+    """One torchrun launch of 2 ranks; each rank writes its result to its own file (their stdout interleaves)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as folder:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+                   *passthrough, "--worker", mode, "--result-dir", folder]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+        if result.returncode != 0:
+            raise SystemExit(f"bench_scale: the {mode} launch failed:\n{result.stderr[-3000:]}")
+        rows = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("rank*.json"))]
     if sorted(row["rank"] for row in rows) != [0, 1]:
         raise SystemExit(f"bench_scale: expected one result per rank from the {mode} launch, got {rows}")
     return rows
@@ -161,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per launch")
     parser.add_argument("--small", action="store_true", help="tiny preset, vocab 512, batch 2 x 32: a quick check")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--result-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.small:
         args.preset, args.vocab, args.batch_size, args.seq_len, args.repeats = "tiny", 512, 2, 32, 1
     if args.worker:
-        print(MARK + json.dumps(worker(args)), flush=True)
+        result = worker(args)
+        (args.result_dir / f"rank{result['rank']}.json").write_text(json.dumps(result))
         return 0
 
     passthrough = ["--preset", args.preset, "--vocab", str(args.vocab), "--batch-size", str(args.batch_size),
