@@ -18,9 +18,10 @@ e.g. 6.7B with V = 32000: N = 6,738,415,616.
            of the matrices 2 (N - V h - norms) (kept for backward)
     fsdp:  parameters 4 N / W, gradients 4 N / W, AdamW state 8 N / W (W = world size),
            buffers: the gathered units in the compute dtype (p = 2 bytes under bf16, else 4): the root unit
-           (embedding, final norm, LM head: FSDP2 keeps the root gathered from forward to backward) and two decoder
-           layers (the one running and the one prefetched) with ``reshard_after_forward``, else every unit
-           (p N); plus the fp32 unsharded gradients of the root and one layer before their reduce-scatter.
+           (embedding, final norm, LM head: gathered for the whole forward, since the loss runs inside the root's
+           forward, and again for the whole backward) and two decoder layers (the one running and the one
+           prefetched) with ``reshard_after_forward``, else every unit (p N); plus the fp32 unsharded gradients
+           of the root and one layer before their reduce-scatter.
 
 **Activations per rank** (one micro-batch of b sequences of s tokens; e = 2 bytes under bf16, else 4; r the
 bytes of the residual stream: 4 while the parameters are fp32 under autocast, 2 under FSDP's bf16 ``param_dtype``).
