@@ -224,3 +224,28 @@ def test_an_fp32_head_on_a_bf16_body_runs_in_fp32_and_a_bf16_head_in_bf16(monkey
     seen.clear()
     model.to(torch.bfloat16)(input_ids, labels=labels)
     assert seen == [(torch.bfloat16, torch.bfloat16)]
+
+
+def test_an_instance_forward_already_on_the_head_is_put_back_after_the_gathered_loss():
+    """accelerate's hooks (device maps, offload) replace ``module.forward`` on the instance: the temporary forward
+    must leave exactly that one in place, also when the loss raises."""
+    model = tiny_llama()
+    input_ids, labels = batch()
+    zero3_partition(model.lm_head)
+    calls = []
+    original = model.lm_head.forward
+
+    def instance_forward(hidden):
+        calls.append(hidden.shape)
+        return original(hidden)
+
+    model.lm_head.forward = instance_forward
+    apply_mileloss(model, loss="ce")
+    loss = model(input_ids, labels=labels).loss
+    assert loss.ndim == 0 and vars(model.lm_head)["forward"] is instance_forward
+    with pytest.raises(ValueError):
+        model(input_ids, labels=torch.full_like(labels, VOCAB + 5))  # a target out of range: the engine raises
+    assert vars(model.lm_head)["forward"] is instance_forward
+    model.eval()
+    assert model(input_ids, labels=labels).logits.shape == (*input_ids.shape, VOCAB)  # eval logits: its forward
+    assert calls

@@ -361,6 +361,11 @@ def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, logit
         loss, stats = compute(hidden, _innermost(head))
     else:  # sharded: let the head module's own forward hooks gather it
         loss, stats = _inside_head_call(self, head, hidden, problem, compute)
+    if not summing and loss.dtype in (torch.float16, torch.bfloat16):
+        # the engine returns a mean in the inputs' dtype; HF's loss (logits upcast to fp32) is an fp32 value. The
+        # same weighted mean from the float64 sums, with the engine's gradient (the correction is detached)
+        exact = torch.where(stats.weight_sum > 0, stats.weighted_ce_sum / stats.weight_sum, loss.double())
+        loss = loss.float() + (exact.float() - loss.float()).detach()
     if summing:
         loss = loss * collector(stats, num_items_in_batch)
     else:
