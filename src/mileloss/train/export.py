@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from mileloss.data.tokenizer import save_tokenizer
 from mileloss.errors import CheckpointError, NoCheckpointError, OutputFolderError
 from mileloss.run_folder import RUN_INFO, RunFolder, data_identity, write_atomic
 
@@ -57,7 +58,8 @@ def write_pretrained(model: torch.nn.Module, folder: Path, run, steps: int, toke
     # leaves the summary of an earlier export beside half-written weights
     (folder / RUN_INFO).unlink(missing_ok=True)
     model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
-    AutoTokenizer.from_pretrained(str(run.manifest.tokenizer_dir)).save_pretrained(folder)
+    # save_tokenizer: a tokenizer_class that transformers 4.x loads too (5.x writes "TokenizersBackend")
+    save_tokenizer(AutoTokenizer.from_pretrained(str(run.manifest.tokenizer_dir)), folder)
     info = _run_info(run.config, Path(run.config.data.dir).resolve(), steps, tokens)
     write_atomic(folder / RUN_INFO, json.dumps(info, indent=2) + "\n")
     return folder
