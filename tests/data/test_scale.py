@@ -215,3 +215,15 @@ def test_mileloss_train_refuses_edited_specials_in_one_line_before_building_a_mo
     assert result.returncode == 2, result.stderr[-2000:]
     assert "not written with this tokenizer" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_hub_id_is_tried_only_for_a_missing_org_name_path_and_fails_offline_with_a_named_error(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find offline
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TokenizerError, match="'no-such-org/no-such-tok': no such local folder or file, and the hub id"):
+        load_tokenizer("no-such-org/no-such-tok")
+    with pytest.raises(TokenizerError, match="does not exist"):
+        load_tokenizer("a/b/c")  # not org/name: a missing path

@@ -165,10 +165,11 @@ def plan_sampling(mixture: Mixture, source_tokens: Mapping[str, int], *, seed: i
                         float(max_epochs), seed)
 
 
-def count_domain_tokens(documents: Iterable, encode_pieces) -> dict[str, int]:
-    """Tokens per domain (each document's tokens + 1 for its end-of-document token), streaming.
+def count_domain_tokens(documents: Iterable, encode_pieces, specials_per_document: int = 1) -> dict[str, int]:
+    """Tokens per domain (each document's tokens + the special tokens written around it), streaming.
 
-    ``encode_pieces(list_of_texts)`` returns one token-id array per text.
+    ``encode_pieces(list_of_texts)`` returns one token-id array per text; ``specials_per_document`` is
+    ``len(document_start) + len(document_end)`` (1: just the eos).
     """
     from mileloss.data.writer import BATCH_CHARS
 
@@ -182,7 +183,7 @@ def count_domain_tokens(documents: Iterable, encode_pieces) -> dict[str, int]:
         pending.clear()
 
     for document in documents:
-        counts[document.domain] = counts.get(document.domain, 0) + 1  # the end-of-document token
+        counts[document.domain] = counts.get(document.domain, 0) + specials_per_document
         for piece in document.chunks():
             pending.append((document.domain, piece))
             pending_chars += len(piece)

@@ -169,7 +169,8 @@ def _build(corpus: Corpus, staging: Path, *, vocab_size, tokenizer, text_field, 
     select = None
     if mix is not None:
         logger.info("counting tokens per domain for the mix")
-        source_tokens = count_domain_tokens(corpus.documents(), encoder)
+        around = len(specials.document_start) + len(specials.document_end)
+        source_tokens = count_domain_tokens(corpus.documents(), encoder, around)
         plan = plan_sampling(mix, source_tokens, seed=seed, max_epochs=max_epochs)
         extra["mix"] = plan.to_json(mix, corpus.domain_field)
         select = lambda index, document: plan.copies(index, document.domain)

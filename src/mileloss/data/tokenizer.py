@@ -11,8 +11,9 @@ Saved folders load with ``transformers.AutoTokenizer.from_pretrained(folder)``.
 A pretrained tokenizer (``--tokenizer PATH``) is a local Hugging Face tokenizer folder, or a bare
 ``tokenizer.json`` file (e.g. LLaMA's 32000-token vocabulary): for a bare file the eos (and bos, unk) token
 is recognised by name among its special tokens (``EOS_NAMES``, ``BOS_NAMES``); a file whose eos cannot be
-named that way is refused (give a folder whose ``tokenizer_config.json`` names it). Hub ids are not
-fetched: only local paths, and no code from them runs.
+named that way is refused (give a folder whose ``tokenizer_config.json`` names it). A path that does
+not exist and reads ``org/name`` is taken as a hub id, loaded when the hub is reachable (an error naming
+it otherwise). No code from a tokenizer runs (``trust_remote_code`` is never set).
 
 Special tokens between documents (``DocumentSpecials``, recorded in the manifest as ``specials`` and
 checked again at train time): the text of a document is encoded with ``add_special_tokens=False`` and
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")  # 
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>")
 UNK_NAMES = ("<unk>", "<|unk|>")
 PROBE_TEXT = "probe"  # encoded with and without special tokens to read the tokenizer's own template
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")  # org/name, nothing else
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2):
@@ -97,9 +100,12 @@ def load_tokenizer(path: str | Path):
     Raises:
         TokenizerError: the path is missing, does not load, or has no eos token.
     """
+    text = str(path)
     path = Path(path)
     if path.is_file():
         return _load_tokenizer_file(path)
+    if not path.exists() and HUB_ID.fullmatch(text):
+        return _load_hub_tokenizer(text)
     if not path.is_dir():
         raise TokenizerError(f"tokenizer {path} does not exist (give a tokenizer folder or a tokenizer.json file)")
     from transformers import AutoTokenizer
@@ -111,6 +117,23 @@ def load_tokenizer(path: str | Path):
         raise TokenizerError(f"cannot load a tokenizer from {path}: {type(error).__name__}: {reason}") from error
     if tokenizer.eos_token_id is None:
         raise TokenizerError(f"tokenizer at {path} has no eos token; documents are separated by eos")
+    return tokenizer
+
+
+def _load_hub_tokenizer(hub_id: str):
+    """A tokenizer by hub id (``org/name``), when the hub is reachable; no remote code runs."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=False)
+    except Exception as error:  # offline, unknown id, gated model: transformers raises many kinds
+        reason = " ".join(str(error).split())[:300]
+        raise TokenizerError(
+            f"tokenizer {hub_id!r}: no such local folder or file, and the hub id cannot be loaded "
+            f"({type(error).__name__}: {reason})"
+        ) from error
+    if tokenizer.eos_token_id is None:
+        raise TokenizerError(f"tokenizer {hub_id} has no eos token; documents are separated by eos")
     return tokenizer
 
 
