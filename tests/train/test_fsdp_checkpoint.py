@@ -299,6 +299,28 @@ def test_two_exports_into_one_folder_never_mix_or_replace(single_run, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # this export's staging folder removed
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sharded_checkpoint_of_a_cuda_bf16_step_loads_on_cuda_and_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=64, num_hidden_layers=1).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ids = torch.randint(0, 64, (2, 8), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    folder = _save(tmp_path, 1, model, optimizer)
+    for device in ("cuda", "cpu"):
+        fresh = build_model("tiny", vocab_size=64, num_hidden_layers=1).to(device)
+        fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+        load_sharded_checkpoint(folder, fresh, fresh_optimizer)
+        for name, value in model.state_dict().items():
+            assert torch.equal(fresh.state_dict()[name].cpu(), value.cpu()), (device, name)
+        exp_avg = [s["exp_avg"] for s in fresh_optimizer.state.values()]
+        assert all(t.device.type == device for t in exp_avg) and len(exp_avg) == len(list(fresh.parameters()))
+
+
 # --- multi-process: torchrun with gloo ranks -------------------------------------------------------------------------
 
 from tests.train._train_utils import REPO, subprocess_env, tiny_overrides  # noqa: E402
@@ -457,6 +479,22 @@ def test_a_two_rank_fsdp_checkpoint_resumes_in_one_process_and_exports(data_dir,
         assert torch.equal(model(ids).logits, gathered(ids).logits)
     with pytest.raises(OutputFolderError, match="not an empty folder"):
         export_checkpoint(fsdp_reference, exported)
+    huggingface = pytest.importorskip("lm_eval.models.huggingface")  # what `lm_eval --model hf` builds
+    harness = huggingface.HFLM(pretrained=str(exported), tokenizer=str(exported), device="cpu", batch_size=1,
+                               dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(harness._model_call(ids), gathered(ids).logits)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_on_another_world_size_with_another_global_batch_is_refused(data_dir, tmp_path, fsdp_reference):
+    from mileloss.errors import ResumeMismatchError
+    from mileloss.train import load_config, train
+
+    out = _branch(fsdp_reference, tmp_path / "one", keep_until=2)
+    with pytest.raises(ResumeMismatchError, match=r"global batch would change.*run.batch_size=4"):
+        train(load_config(None, tiny_overrides(data_dir, out, **FSDP)), resume=True)  # 1 x 2 rows, not 2 x 2
 
 
 @pytest.mark.distributed
