@@ -64,17 +64,10 @@ def generate_corpus(path: Path, megabytes: float, seed: int) -> int:
         while written < target:
             length = int(rng.choice([40, 200, 800, 3000], p=[0.3, 0.4, 0.2, 0.1]))
             picked = vocabulary[rng.choice(len(vocabulary), size=length, p=probabilities)]
-            marks = rng.random(length)
-            pieces = []
-            for word, mark in zip(picked, marks, strict=True):
-                pieces.append(word)
-                if mark < 0.06:
-                    pieces.append(".\n" if mark < 0.01 else ". ")
-                elif mark < 0.1:
-                    pieces.append(", ")
-                else:
-                    pieces.append(" ")
-            record = {"text": "".join(pieces).strip(), "meta": {"pile_set_name": DOMAINS[int(rng.integers(4))]}}
+            marks = rng.random(length)  # after each word: ".\n" (1 %), ". " (5 %), ", " (4 %), else " "
+            separators = np.where(marks < 0.01, ".\n", np.where(marks < 0.06, ". ", np.where(marks < 0.1, ", ", " ")))
+            text = "".join((picked + separators.astype(object)).tolist()).strip()
+            record = {"text": text, "meta": {"pile_set_name": DOMAINS[int(rng.integers(4))]}}
             line = json.dumps(record) + "\n"
             handle.write(line)
             written += len(line.encode())
