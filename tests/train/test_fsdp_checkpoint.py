@@ -299,6 +299,75 @@ def test_two_exports_into_one_folder_never_mix_or_replace(single_run, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # this export's staging folder removed
 
 
+def test_a_disk_full_during_the_shard_write_fails_the_save_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    model, optimizer = _trained()
+    _save(tmp_path, 2, model, optimizer)
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    with pytest.raises(CheckpointError, match="writing the shards of .*step_00000004 failed.*No space left"):
+        _save(tmp_path, 4, model, optimizer)
+    assert sharded_checkpoint_steps(tmp_path) == [2]
+    monkeypatch.undo()
+    verify_sharded_checkpoint(tmp_path / "step_00000002")
+    _save(tmp_path, 4, model, optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000004"]
+
+
+PAUSING_EXPORT = '''
+import sys, time
+from pathlib import Path
+import mileloss.train.export as export
+
+write = export.write_pretrained
+
+
+def write_then_pause(model, folder, *args, **kwargs):
+    write(model, folder, *args, **kwargs)
+    Path(sys.argv[3]).write_text("paused")
+    time.sleep(600)
+
+
+export.write_pretrained = write_then_pause
+export.export_checkpoint(sys.argv[1], sys.argv[2])
+'''
+
+
+def test_an_export_killed_before_its_rename_leaves_no_out_and_its_leftover_is_removed_next_time(single_run,
+                                                                                                  tmp_path):
+    from tests.train._train_utils import subprocess_env
+
+    script, ready, out = tmp_path / "pausing_export.py", tmp_path / "ready", tmp_path / "models" / "m"
+    script.write_text(PAUSING_EXPORT)
+    process = subprocess.Popen([sys.executable, str(script), str(single_run), str(out), str(ready)],
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the export never paused"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=60)
+        process.stderr.close()
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir()] == [f".m.export-{process.pid}"]  # complete, but never renamed
+    from mileloss.train.export import export_checkpoint
+
+    export_checkpoint(single_run, out)
+    assert [p.name for p in out.parent.iterdir()] == ["m"]
+    assert (out / "mileloss_run.json").is_file()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sharded_checkpoint_of_a_cuda_bf16_step_loads_on_cuda_and_on_cpu(tmp_path):

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mileloss.errors import CheckpointChecksumError, CheckpointError, UnsafeCheckpointError
 from mileloss.train import checkpoint as plain
@@ -272,6 +273,16 @@ def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     return get_state_dict(model, optimizer)
 
 
+def _dcp_reason(error: Exception) -> str:
+    """One line from DCP's ``CheckpointException`` (a traceback per failed rank) or any other error."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = next(iter(sorted(failures.items())))
+        inner = failure[0] if isinstance(failure, tuple) and failure else failure  # (exception, stack)
+        return f"rank {rank}: {type(inner).__name__}: {' '.join(str(inner).split())[:300]}"
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 def save_sharded_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                             state: dict[str, Any], keep: int, context,
                             on_stage: plain.StageCallback | None = None) -> Path:
@@ -307,10 +318,15 @@ def save_sharded_checkpoint(directory: Path, step: int, model: torch.nn.Module, 
     model_state, optimizer_state = _state_dicts(model, optimizer)
     param_groups = optimizer_state["param_groups"]
     writer = dcp.FileSystemWriter(staging, single_file_per_rank=True, sync_files=True, thread_count=1)
-    with warnings.catch_warnings():  # one process (tests, tools) is intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, storage_writer=writer,
-                 no_dist=not (dist.is_available() and dist.is_initialized()))
+    try:
+        with warnings.catch_warnings():  # one process (tests, tools) is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, storage_writer=writer,
+                     no_dist=not (dist.is_available() and dist.is_initialized()))
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - DCP raises every rank's failure on all
+        reason = _dcp_reason(error)
+        raise CheckpointError(f"writing the shards of {final} failed ({reason}); the previous checkpoints are "
+                              f"intact, {staging.name} is removed by the next save") from None
     del model_state, optimizer_state
     mine = {}
     failure = None
@@ -517,12 +533,12 @@ def load_sharded_checkpoint(folder: Path, model: torch.nn.Module, optimizer: tor
                      no_dist=not (dist.is_available() and dist.is_initialized()))
     except UnsafeCheckpointError:
         raise
-    except Exception as error:  # noqa: BLE001 - DCP wraps rank failures in its own exception types
-        if isinstance(error.__cause__, UnsafeCheckpointError) or "UnsafeCheckpointError" in str(error):
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - DCP wraps rank failures (a BaseException)
+        inner = getattr(error, "failures", None) or {}
+        if any(isinstance(f[0] if isinstance(f, tuple) else f, UnsafeCheckpointError) for f in inner.values()) or (
+                "UnsafeCheckpointError" in str(error)):
             raise UnsafeCheckpointError(f"refusing to load {folder}: it holds a non-tensor entry") from None
-        reason = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"cannot load the sharded checkpoint {folder}: {type(error).__name__}: "
-                              f"{reason}") from None
+        raise CheckpointError(f"cannot load the sharded checkpoint {folder}: {_dcp_reason(error)}") from None
     if optimizer is None:
         set_model_state_dict(model, model_state)
         return payload

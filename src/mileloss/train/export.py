@@ -8,7 +8,8 @@ load as they are.
   checkpoint is verified against its checksums first and read without running code (see
   :mod:`mileloss.train.checkpoint` and :mod:`mileloss.train.dcp`); the model is rebuilt from the config saved *in
   the checkpoint*. The folder is written beside ``--out`` as ``.NAME.export-PID`` and renamed onto ``--out`` when
-  complete, so ``--out`` never holds half an export; an existing non-empty ``--out`` is refused, never replaced.
+  complete, so ``--out`` never holds half an export; an existing non-empty ``--out`` is refused, never replaced. A
+  staging folder of a killed export (its process gone, holding only export files) is removed by the next export.
 
 ``mileloss_run.json`` (see :mod:`mileloss.run_folder`) records how the model was trained, the identity of its
 training data included, and is written last: its presence means the export is complete.
@@ -137,6 +138,33 @@ def _load_weights(path: Path, data_dir: str | None):
     return model, run, state["step"], state["tokens"]
 
 
+def _remove_stale_exports(out: Path) -> None:
+    """Remove ``.NAME.export-PID`` folders beside ``out`` left by killed exports (their process is gone) that hold
+    only what an export writes; anything else is left alone."""
+    from mileloss.train.rundir import _FINAL_NAMES
+
+    if not out.parent.is_dir():
+        return
+    prefix = f".{out.name}.export-"
+    for entry in out.parent.iterdir():
+        pid = entry.name[len(prefix):]
+        if not (entry.name.startswith(prefix) and pid.isdigit()) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live export (or another user's process): not ours to touch
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        files = list(entry.iterdir())
+        if all(f.is_file() and not f.is_symlink() and any(p.match(f.name) for p in _FINAL_NAMES) for f in files):
+            for f in files:
+                f.unlink()
+            entry.rmdir()
+            logger.warning("removed %s, left by a killed export", entry)
+
+
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
                       data_dir: str | None = None) -> Path:
     """Convert the newest checkpoint of ``run_dir`` (or that of ``step``) into a ``save_pretrained`` folder ``out``.
@@ -160,6 +188,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
                                 f"a new folder")
     path = _checkpoint_of(run_dir, step)
     model, run, steps, tokens = _load_weights(path, data_dir)
+    _remove_stale_exports(out)
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
