@@ -15,7 +15,9 @@ tokens, one torch thread per rank. It reports, per rank:
   step) and AdamW state (after the step), counting a sharded ``DTensor`` by its local shard;
 * resident model state: the process's current RSS (``/proc/self/statm``) right after the optimizer step, before
   the gradients are freed (parameters, gradients, AdamW state and DDP's buckets are live, the activations are
-  not), minus the RSS just after the process group started; the largest value over the timed steps;
+  not), minus the RSS just after the process group started; the largest value over the timed steps. The
+  workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` (unless the environment sets it): glibc's adaptive threshold
+  would otherwise keep the freed activations' memory resident, and RSS would count it as model state;
 * peak RSS: the process's ``ru_maxrss`` at the end (activations included), and its growth from the same start;
 * step time: the median wall time of the timed steps.
 
@@ -142,7 +144,9 @@ def launch(mode: str, args: argparse.Namespace, passthrough: list[str]) -> list[
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as folder:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
                    *passthrough, "--worker", mode, "--result-dir", folder]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        # a fixed mmap threshold: tensors above 128 KiB get their own mappings, returned to the system when freed;
+        # glibc's adaptive default would keep freed activation memory resident and RSS would count it as state
+        env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ, "OMP_NUM_THREADS": str(args.threads)}
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
         if result.returncode != 0:
             raise SystemExit(f"bench_scale: the {mode} launch failed:\n{result.stderr[-3000:]}")
