@@ -205,6 +205,9 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory)
+    from mileloss.train import dcp
+
+    dcp.remove_leftovers(directory)  # staging folders of a killed sharded writer (a run resumed without fsdp)
     path = checkpoint_path(directory, step)
     record = record_path(path)
     # an existing pair of this step is replaced: remove the .pt first so that no moment pairs it with a new record

@@ -149,16 +149,17 @@ def _agree(context, failure: BaseException | None, what: str) -> None:
         raise failure
 
 
-_GLOO: list = []
+_GLOO: dict = {}
 
 
 def _cpu_group():
     """A gloo group for the small agreement messages (the default group may be NCCL, which needs CUDA tensors)."""
     if dist.get_backend() == "gloo":
         return None
-    if not _GLOO:
-        _GLOO.append(dist.new_group(backend="gloo"))
-    return _GLOO[0]
+    world = dist.group.WORLD
+    if _GLOO.get("world") is not world:  # one per process group (a new one after destroy/init)
+        _GLOO.update(world=world, group=dist.new_group(backend="gloo"))
+    return _GLOO["group"]
 
 
 def gather_from_ranks(context, value: Any) -> list[Any]:
@@ -485,12 +486,13 @@ def read_sharded_trainer_state(folder: Path) -> dict[str, Any]:
 
 
 def load_sharded_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                            context=None) -> dict[str, Any]:
+                            context=None, verified: bool = False) -> dict[str, Any]:
     """Verify ``folder`` and load it into ``model`` (FSDP-sharded, DDP's module or plain) and ``optimizer``.
 
     Every rank calls it (a collective when a process group exists). The checkpoint's world size need not be this
     run's: DCP reshards. Returns the plain-data training state (``trainer.pt``) with ``model``/``optimizer`` loaded.
-    Pass ``optimizer=None`` to load the weights only (export).
+    Pass ``optimizer=None`` to load the weights only (export); ``verified=True`` if :func:`verify_sharded_checkpoint`
+    just passed for this folder (it is not hashed twice).
 
     Raises:
         CheckpointError, CheckpointChecksumError, UnsafeCheckpointError: see :func:`verify_sharded_checkpoint` and
@@ -505,7 +507,8 @@ def load_sharded_checkpoint(folder: Path, model: torch.nn.Module, optimizer: tor
     )
 
     folder = Path(folder)
-    verify_sharded_checkpoint(folder, context)
+    if not verified:
+        verify_sharded_checkpoint(folder, context)
     payload = read_sharded_trainer_state(folder)
     metadata = read_metadata(folder)
     if optimizer is None:

@@ -128,7 +128,7 @@ def _load_weights(path: Path, data_dir: str | None):
     torch.manual_seed(config.run.seed)
     model = build_model(config.model.preset, **run.model_kwargs)
     if sharded:
-        load_sharded_checkpoint(path, model, None)
+        load_sharded_checkpoint(path, model, None, verified=True)
     else:
         try:
             model.load_state_dict(state["model"])

@@ -83,7 +83,8 @@ class TrainHooks:
     step_end: Callable[[int], None] | None = None
     """``(step)`` after the step is logged, evaluated and checkpointed."""
     checkpoint_stage: StageCallback | None = None
-    """``(stage, path)`` inside each checkpoint write, on the main process (see ``checkpoint.StageCallback``)."""
+    """``(stage, path)`` inside each checkpoint write, on the main process (see ``checkpoint.StageCallback``; a
+    sharded checkpoint calls it at ``"shards_written"`` and ``"manifest_written"``, with the staging folder)."""
 
 
 class LanguageModelLoss(torch.nn.Module):
@@ -266,7 +267,7 @@ def _resume(run: PreparedRun, model, optimizer, scheduler, loader, context, shar
                                   f"the run was trained on (the shards' checksums differ)")
     check_resume_compatible(_saved_config_for(state, run, context, path), run.config, path)
     if is_sharded_checkpoint(path):
-        load_sharded_checkpoint(path, model, optimizer, context)
+        load_sharded_checkpoint(path, model, optimizer, context, verified=True)
     else:
         try:
             if sharded_model:  # a whole .pt (one process or DDP) into FSDP shards
