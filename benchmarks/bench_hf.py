@@ -1,6 +1,6 @@
 """One training step of the same Hugging Face Llama with HF's own loss vs ``apply_mileloss`` (not a test).
 
-    python benchmarks/bench_hf.py                       # CPU: hidden 256, 2 x 256 tokens, vocab 32000 and 128256
+    python benchmarks/bench_hf.py                       # CPU: hidden 256, 4 x 256 tokens, vocab 32000 and 128256
     python benchmarks/bench_hf.py --device cuda         # GPU: bf16, hidden 1024, 8 x 1024 tokens, + Liger-Kernel
 
 Variants, each in a fresh subprocess (``--worker``; Liger-Kernel patches transformers' classes process-wide):
@@ -13,18 +13,16 @@ then times ``--steps`` steps; the table gives the median step time, the peak mem
 ``hf`` of the same vocabulary, and the loss (the CE variants must agree with ``hf``: a sanity check).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the allocation just before the first step (the
-model, its gradients after the warm-up, the batch); on CPU the growth of the process's peak resident set
-(``ru_maxrss``, over the warm-up and the timed steps) over the resident set just before the timed steps (the
-model, its gradients, the batch), with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed tensors leave the
-resident set.
+model, its gradients after the warm-up, the batch); on CPU, in one more step after the timed ones, the process's peak
+resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` just before it) minus the resident set then (the
+model, its gradients, the batch), with glibc's mmap threshold fixed and its free memory trimmed first so that the
+resident set follows the live tensors (the timed steps run with glibc's defaults).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,9 +31,35 @@ import time
 VARIANTS = ("hf", "mileloss-ce", "mileloss-mile", "liger")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (its peak since the last reset) of this process, in bytes."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current resident set."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _cpu_step_peak(step) -> int:
+    """The resident-set peak of one more step over the resident set before it, in bytes. glibc first gets a fixed
+    mmap threshold (so every large freed block goes back to the OS at once: the resident set then follows the live
+    tensors; its default, growing threshold keeps freed logits) and trims what the timed steps left free. Done
+    after the timing, which ran with glibc's defaults."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+    _reset_peak_rss()
+    before = _status_bytes("VmRSS")
+    step()
+    return _status_bytes("VmHWM") - before
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -83,8 +107,6 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        before = _rss_bytes()
     times, loss = [], None
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -94,7 +116,7 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = _cpu_step_peak(step)
     return {"variant": args.worker, "vocab": args.vocab, "ms": 1000 * statistics.median(times),
             "peak_mib": peak / 2**20, "loss": loss, "device": torch.cuda.get_device_name(device)
             if device.type == "cuda" else f"cpu, {args.threads} threads", "torch": torch.__version__,
@@ -107,13 +129,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocabs", default="32000,128256", help="comma-separated vocabulary sizes")
     parser.add_argument("--hidden", type=int, default=None, help="hidden size (default 256 on CPU, 1024 on CUDA)")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=None, help="default 2 on CPU, 8 on CUDA")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 4 on CPU, 8 on CUDA")
     parser.add_argument("--seq-len", type=int, default=None, help="default 256 on CPU, 1024 on CUDA")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock budget in seconds (default 110 on CUDA, none on CPU): no worker starts "
+                             "after it, a running one is stopped at it, and its row says so")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -122,9 +147,11 @@ def _parser() -> argparse.ArgumentParser:
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     cuda = args.device.startswith("cuda")
     args.hidden = args.hidden or (1024 if cuda else 256)
-    args.batch_size = args.batch_size or (8 if cuda else 2)
+    args.batch_size = args.batch_size or (8 if cuda else 4)
     args.seq_len = args.seq_len or (1024 if cuda else 256)
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.budget_s is None:
+        args.budget_s = 110.0 if cuda else float("inf")
     return args
 
 
@@ -150,17 +177,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     variants = VARIANTS if args.device.startswith("cuda") else VARIANTS[:3]
-    rows = []
+    rows, start = [], time.monotonic()
     for vocab in (int(v) for v in args.vocabs.split(",")):
         for variant in variants:
+            left = args.budget_s - (time.monotonic() - start)
+            if left <= 0:
+                rows.append({"variant": variant, "vocab": vocab, "skipped": f"not run (--budget-s {args.budget_s:g})"})
+                continue
             command = [sys.executable, __file__, "--worker", variant, "--vocab", str(vocab), "--device", args.device,
                        "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch-size",
                        str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--steps",
                        str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            # a fixed mmap threshold: glibc then returns every large freed block to the OS at once, so the
-            # resident set follows the live tensors (with its default, growing threshold it keeps freed logits)
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=left)
+            except subprocess.TimeoutExpired:
+                rows.append({"variant": variant, "vocab": vocab, "skipped": f"stopped (--budget-s {args.budget_s:g})"})
+                continue
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 rows.append({"variant": variant, "vocab": vocab, "skipped": f"failed (exit {done.returncode})"})
@@ -170,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     first = next((r for r in rows if "device" in r), {})
     print(f"# {first.get('device')}, torch {first.get('torch')}, transformers {first.get('transformers')}; "
           f"Llama hidden {args.hidden}, {args.layers} layers, {args.batch_size} x {args.seq_len} tokens, "
-          f"{args.dtype}, median of {args.steps} steps after {args.warmup} warm-up")
+          f"{args.dtype}, median of {args.steps} steps after {args.warmup} warm-up; "
+          f"{time.monotonic() - start:.0f} s in all")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as handle:
