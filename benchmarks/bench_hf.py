@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                        str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--steps",
                        str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
             try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=left)
+                done = subprocess.run(command, capture_output=True, text=True,
+                                      timeout=None if left == float("inf") else left)
             except subprocess.TimeoutExpired:
                 rows.append({"variant": variant, "vocab": vocab, "skipped": f"stopped (--budget-s {args.budget_s:g})"})
                 continue
