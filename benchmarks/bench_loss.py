@@ -3,21 +3,28 @@
     python benchmarks/bench_loss.py                      # full protocol (~40 min on 2 quiet CPU cores)
     python benchmarks/bench_loss.py --quick              # small shapes, a smoke run (~1 min)
     python benchmarks/bench_loss.py --markdown docs/benchmarks_table.md --csv docs/bench_loss.csv
+    python benchmarks/bench_loss.py --case logits:4096:32000 --case linear:4096:32000:512   # issue 12's run
 
 Protocol (docs/benchmarks.md): fp32, identical seeded inputs, ~6% of targets ignored, 2 threads.
 * Correctness gate first: each variant runs on the first 512 rows of the same inputs and its loss and
   gradients are compared with a float64 oracle written in this file (``oracle_loss``), independently of both
   mileloss and the timed naive variant (b); a variant that fails is not timed or reported.
-* Time: 1 warm-up, then R forward+backward repetitions, variants interleaved (ABC ABC ...), median and min.
-* Peak memory: each variant in a fresh subprocess; the kernel's high-water mark (VmHWM, reset through
-  /proc/self/clear_refs once the inputs are built) after one forward+backward, minus the resident size at the
-  reset: every temporary and gradient the loss creates (inputs excluded).
+* Time: 1 warm-up (which also compiles what a variant compiles), then R forward+backward repetitions, variants
+  interleaved (ABC CBA ...), median and min.
+* Peak memory: each variant in a fresh subprocess with a fixed glibc mmap threshold; one warm-up
+  forward+backward, then the kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) after a
+  second one, minus the resident size at the reset: every temporary and gradient the loss creates (inputs and
+  compiled code excluded).
+* Rows besides the losses: "floor", the three bare GEMMs of a fused head (h W^T, g W, g^T h with a fixed g),
+  the time no fused loss can beat; "cce_tc", Cut Cross-Entropy's ``impl="torch_compile"`` (optional:
+  ``pip install cut-cross-entropy``; reported as failing the gate with the import error if absent).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import platform
@@ -77,7 +84,7 @@ def oracle_loss(what: str, logits: torch.Tensor, targets: torch.Tensor) -> torch
 # inputs and variants
 
 
-def make_inputs(kind: str, n: int, v: int, d: int, seed: int = 0) -> dict:
+def make_inputs(kind: str, n: int, v: int, d: int, seed: int = 0, floor: bool = False) -> dict:
     generator = torch.Generator().manual_seed(seed)
     targets = torch.randint(0, v, (n,), generator=generator)
     targets[::17] = -100
@@ -85,7 +92,10 @@ def make_inputs(kind: str, n: int, v: int, d: int, seed: int = 0) -> dict:
         return dict(logits=torch.randn(n, v, generator=generator) * 2.0, targets=targets)
     hidden = torch.randn(n, d, generator=generator)
     weight = torch.randn(v, d, generator=generator) / d**0.5 * 2.0
-    return dict(hidden=hidden, weight=weight, targets=targets)
+    inputs = dict(hidden=hidden, weight=weight, targets=targets)
+    if floor:  # the floor's output gradient: an input of that variant alone (its memory excludes it)
+        inputs["floor_grad"] = torch.randn(n, v, generator=generator) * 1e-4
+    return inputs
 
 
 def _linear_options(chunk):
@@ -94,14 +104,43 @@ def _linear_options(chunk):
     return LinearCrossEntropyOptions() if chunk is None else LinearCrossEntropyOptions(batch_chunk_size=chunk)
 
 
-# name -> (label, what it computes: "ce" | "mile" | "official", function of leaves)
+def gemm_floor(x):
+    """The three GEMMs of a fused head and nothing else: logits = h @ W^T, then dh = g @ W and dW = g^T @ h
+    with a fixed (N, V) g (autograd's backward of ``h @ W.T`` with a given output gradient)."""
+    logits = x["hidden"] @ x["weight"].T
+    return logits, x["floor_grad"]
+
+
+def _cce_torch_compile(x):
+    """Cut Cross-Entropy's ``impl="torch_compile"`` (an optional benchmark dependency, not a requirement of
+    mileloss: ``pip install cut-cross-entropy``; on Linux it imports triton, although this impl does not use it)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100, impl="torch_compile")
+
+
+def cce_available() -> str | None:
+    """None if Cut Cross-Entropy imports, else why not."""
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - ImportError, or triton failing to import
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+# name -> (label, what it computes: "ce" | "mile" | "official" | "floor", function of leaves)
 LOGITS_VARIANTS = {
     "a": ("F.cross_entropy", "ce", lambda x: F.cross_entropy(x["logits"], x["targets"])),
     "b": ("naive MiLe (official code's formula)", "official",
           lambda x: official_formula(x["logits"], x["targets"])),
-    "c": ("mileloss.mile_loss (chunked)", "mile", lambda x: mileloss.mile_loss(x["logits"], x["targets"])),
-    "c0": ("mileloss.cross_entropy_loss (chunked)", "ce",
-           lambda x: mileloss.cross_entropy_loss(x["logits"], x["targets"])),
+    "c": ("mileloss.mile_loss (chunked, eager)", "mile",
+          lambda x: mileloss.mile_loss(x["logits"], x["targets"], compile=False)),
+    "c0": ("mileloss.cross_entropy_loss (chunked, eager)", "ce",
+           lambda x: mileloss.cross_entropy_loss(x["logits"], x["targets"], compile=False)),
+    "cc": ("mileloss.mile_loss (chunked, compiled)", "mile",
+           lambda x: mileloss.mile_loss(x["logits"], x["targets"], compile=True)),
+    "c0c": ("mileloss.cross_entropy_loss (chunked, compiled)", "ce",
+            lambda x: mileloss.cross_entropy_loss(x["logits"], x["targets"], compile=True)),
 }
 LINEAR_VARIANTS = {
     "d": ("linear + F.cross_entropy", "ce", lambda x: F.cross_entropy(x["hidden"] @ x["weight"].T, x["targets"])),
@@ -111,11 +150,20 @@ LINEAR_VARIANTS = {
     "p_tuned": (f"F.linear_cross_entropy (batch_chunk_size={LINEAR_CHUNK})", "ce",
                 lambda x: F.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100,
                                                  options=_linear_options(LINEAR_CHUNK))),
-    "e": ("mileloss.linear_mile_loss (fused)", "mile",
-          lambda x: mileloss.linear_mile_loss(x["hidden"], x["weight"], x["targets"], chunk_size=LINEAR_CHUNK)),
-    "e0": ("mileloss.linear_cross_entropy_loss (fused)", "ce",
+    "e": ("mileloss.linear_mile_loss (fused, eager)", "mile",
+          lambda x: mileloss.linear_mile_loss(x["hidden"], x["weight"], x["targets"], chunk_size=LINEAR_CHUNK,
+                                              compile=False)),
+    "e0": ("mileloss.linear_cross_entropy_loss (fused, eager)", "ce",
            lambda x: mileloss.linear_cross_entropy_loss(x["hidden"], x["weight"], x["targets"],
-                                                        chunk_size=LINEAR_CHUNK)),
+                                                        chunk_size=LINEAR_CHUNK, compile=False)),
+    "ec": ("mileloss.linear_mile_loss (fused, compiled)", "mile",
+           lambda x: mileloss.linear_mile_loss(x["hidden"], x["weight"], x["targets"], chunk_size=LINEAR_CHUNK,
+                                               compile=True)),
+    "e0c": ("mileloss.linear_cross_entropy_loss (fused, compiled)", "ce",
+            lambda x: mileloss.linear_cross_entropy_loss(x["hidden"], x["weight"], x["targets"],
+                                                         chunk_size=LINEAR_CHUNK, compile=True)),
+    "cce_tc": ("Cut Cross-Entropy linear_cross_entropy(impl='torch_compile')", "ce", _cce_torch_compile),
+    "floor": ("the three bare GEMMs (h W^T, g W, g^T h): the floor", "floor", gemm_floor),
 }
 BASELINE = {"logits": "a", "linear": "d"}
 
@@ -125,13 +173,17 @@ def variants(kind: str) -> dict:
 
 
 def leaves(inputs: dict) -> dict:
-    return {k: (t.requires_grad_() if t.is_floating_point() else t) for k, t in inputs.items()}
+    return {k: (t.requires_grad_() if t.is_floating_point() and k != "floor_grad" else t) for k, t in inputs.items()}
 
 
 def forward_backward(fn, x: dict) -> None:
     for t in x.values():
         t.grad = None
-    fn(x).backward()
+    out = fn(x)
+    if isinstance(out, tuple):  # the GEMM floor: (output, its gradient)
+        out[0].backward(out[1])
+    else:
+        out.backward()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,7 +198,11 @@ def reference_loss(what: str, x: dict) -> torch.Tensor:
 def passes_gate(kind: str, name: str, inputs: dict) -> tuple[bool, str]:
     """Run variant ``name`` on the first GATE_ROWS rows; compare loss and grads with the float64 oracle."""
     _, what, fn = variants(kind)[name]
-    sub = {k: (t[:GATE_ROWS] if k != "weight" else t) for k, t in inputs.items()}
+    if what == "floor":
+        return True, "not a loss: no gate"
+    if name == "cce_tc" and cce_available() is not None:
+        return False, f"Cut Cross-Entropy not importable: {cce_available()}"
+    sub = {k: (t[:GATE_ROWS] if k != "weight" else t) for k, t in inputs.items() if k != "floor_grad"}
     x32 = leaves({k: t.clone() for k, t in sub.items()})
     loss32 = fn(x32)
     loss32.backward()
@@ -166,7 +222,8 @@ def passes_gate(kind: str, name: str, inputs: dict) -> tuple[bool, str]:
 
 
 def time_variants(kind: str, names: list[str], inputs: dict, repeats: int) -> dict[str, list[float]]:
-    xs = {name: leaves({k: t.clone() for k, t in inputs.items()}) for name in names}
+    xs = {name: leaves({k: (t if k == "floor_grad" else t.clone()) for k, t in inputs.items()
+                        if k != "floor_grad" or name == "floor"}) for name in names}
     times = {name: [] for name in names}
     for rep in range(repeats + 1):
         order = names if rep % 2 == 0 else names[::-1]  # alternate the order to cancel drift
@@ -180,20 +237,29 @@ def time_variants(kind: str, names: list[str], inputs: dict, repeats: int) -> di
 
 def peak_memory_mib(kind: str, name: str, n: int, v: int, d: int) -> float:
     command = [sys.executable, __file__, "--memory-worker", json.dumps([kind, name, n, v, d])]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    # a fixed mmap threshold: every large block is mmapped and returned to the kernel when freed, so that the
+    # warm-up call's freed buffers cannot hide the measured call's peak inside glibc's heap
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def memory_worker(spec: str) -> None:
     kind, name, n, v, d = json.loads(spec)
     torch.set_num_threads(THREADS)
-    x = leaves(make_inputs(kind, n, v, d))
-    # reset the kernel's high-water mark (VmHWM) to the current resident size, so that import-time peaks
-    # do not hide the op's own peak; the delta is every byte the forward+backward added at its worst
+    x = leaves(make_inputs(kind, n, v, d, floor=name == "floor"))
+    fn = variants(kind)[name][2]
+    # one warm-up call first (compiles what the variant compiles; identical for every variant), then reset the
+    # kernel's high-water mark (VmHWM) to the current resident size, so that import- and compile-time peaks do
+    # not hide the op's own peak; the delta is every byte the second forward+backward added at its worst
+    forward_backward(fn, x)
+    for t in x.values():
+        t.grad = None
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
-    forward_backward(variants(kind)[name][2], x)
+    forward_backward(fn, x)
     print(max(_status_kib("VmHWM") - before, 0) / 1024.0)
 
 
@@ -209,7 +275,7 @@ def _status_kib(field: str) -> int:
 
 
 def run_case(kind: str, n: int, v: int, d: int, repeats: int, names: list[str]) -> list[dict]:
-    inputs = make_inputs(kind, n, v, d)
+    inputs = make_inputs(kind, n, v, d, floor="floor" in names)
     label = f"N={n}, V={v}" + (f", D={d}" if kind == "linear" else "")
     print(f"\n## {kind}: {label}", flush=True)
     gated = []
@@ -253,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run, not the protocol")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", choices=["logits", "linear"], help="run one half of the protocol")
+    parser.add_argument("--case", action="append", metavar="KIND:N:V[:D]",
+                        help="run this case instead of the protocol's (repeatable), e.g. linear:4096:32000:512")
+    parser.add_argument("--variants", help="comma-separated variant names to run (default: all of the kind)")
     parser.add_argument("--csv", help="write raw rows (Liger-style schema) here")
     parser.add_argument("--markdown", help="write the Markdown table here")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -266,12 +335,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cases = [("logits", 4096, 32000, 0), ("logits", 8192, 32000, 0), ("logits", 2048, 128256, 0),
                  ("linear", 4096, 32000, 512), ("linear", 4096, 128256, 512)]
+    if args.case:
+        cases = []
+        for text in args.case:
+            parts = text.split(":")
+            if len(parts) not in (3, 4) or parts[0] not in ("logits", "linear"):
+                parser.error(f"--case {text!r}: expected logits:N:V or linear:N:V:D")
+            cases.append((parts[0], int(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 0))
     cases = [c for c in cases if args.only in (None, c[0])]
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {THREADS} threads, "
           f"{os.cpu_count()} cores", flush=True)
     rows = []
     for kind, n, v, d in cases:
-        rows += run_case(kind, n, v, d, args.repeats, list(variants(kind)))
+        names = list(variants(kind))
+        if args.variants:
+            wanted = args.variants.split(",")
+            names = [name for name in names if name in wanted or name == BASELINE[kind]]
+        rows += run_case(kind, n, v, d, args.repeats, names)
     table = markdown(rows)
     print("\n" + table)
     if args.markdown:
