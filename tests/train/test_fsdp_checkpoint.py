@@ -578,3 +578,19 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(data_dir, tmp_path, fsdp_reference)
     _close(_curve(out), _curve(fsdp_reference))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_00000002.json", "step_00000002.pt", "step_00000004", "step_00000006"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(data_dir, tmp_path, single_run):
+    out = tmp_path / "two"
+    shutil.copytree(single_run, out)
+    shutil.rmtree(out / "final")
+    for name in ("step_00000002.pt", "step_00000002.json"):
+        (out / "checkpoints" / name).unlink()
+    settings = {"run.max_steps": 2, "run.checkpoint_every": 1, "run.eval_every": 0, "run.num_threads": 1,
+                "run.parallel": "fsdp", "run.batch_size": 2}  # 2 ranks x 2 rows: the 4 rows of the one process
+    _torchrun(["-m", "mileloss", "train", *tiny_overrides(data_dir, out, **settings), "--resume", "--quiet"])
+    _close(_curve(out), _curve(single_run))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000001.json", "step_00000001.pt", "step_00000002"]
