@@ -506,6 +506,55 @@ def test_sigkill_of_a_run_with_two_workers_leaves_no_worker_and_the_rerun_gives_
     load_manifest(out)
 
 
+@pytest.mark.slow  # ~30-60 s on 2 busy cores: spawned workers import torch
+def test_a_worker_killed_mid_way_is_a_one_line_error_not_a_hang_and_out_is_left_untouched(tmp_path, big_corpus):
+    out = tmp_path / "data"
+    code = ("import sys; import mileloss.data.writer as w; w.BATCH_CHARS = 2000; from mileloss.cli import main; "
+            "sys.exit(main(['data', *sys.argv[1:]]))")  # hundreds of small work units: a kill lands mid-way
+    log = open(tmp_path / "stderr-killed.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "--corpus", str(big_corpus), "--out", str(out), "--vocab-size", "2000",
+         "--workers", "2", "--no-progress"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=log,
+    )
+    process.log = log
+    pool_workers: list[int] = []
+
+    def writing() -> bool:
+        pool_workers[:] = [pid for pid in _children(process.pid)
+                           if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        staging = _staging(tmp_path, "data")
+        return staging is not None and len(pool_workers) == 2 and any(
+            path.stat().st_size > 0 for path in staging.glob("train_*.bin"))
+
+    _wait_for(writing, process)
+    os.kill(pool_workers[0], signal.SIGKILL)
+    err = _finish(process, timeout=120)  # before the fix: a wait forever for the lost work unit
+    assert process.returncode == 1, err
+    assert f"a tokenizing worker process (pid {pool_workers[0]}) died with exit code -9" in err
+    assert err.strip().splitlines()[-1].startswith("mileloss data: error: a tokenizing worker") and (
+        "Traceback" not in err), err
+    assert not out.exists() and leftovers(tmp_path, "data") == []
+    time.sleep(1)
+    assert [pid for pid in _children(process.pid)] == []
+
+
+@pytest.mark.slow
+def test_a_truncated_input_with_two_workers_names_the_file_and_line(tmp_path, capsys):
+    import zstandard
+
+    from mileloss.cli import main
+
+    lines = b"".join(b'{"text": "%d words here and there"}\n' % index for index in range(3000))
+    data = zstandard.ZstdCompressor().compress(lines)
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) // 2])
+    assert main(["data", "--corpus", str(tmp_path / "cut.jsonl.zst"), "--out", str(tmp_path / "out"),
+                 "--vocab-size", "300", "--workers", "2", "--no-progress"]) == 2
+    message = one_line_error(capsys)
+    assert "cut.jsonl.zst:" in message and "truncated" in message
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
+
+
 def test_a_stopped_run_keeps_the_lock_and_sigterm_leaves_nothing_the_next_run_cannot_clean(tmp_path, big_corpus):
     out = tmp_path / "data"
     first = _data_process("--corpus", big_corpus, "--out", out, "--vocab-size", "2000", cwd=tmp_path)

@@ -6,8 +6,8 @@ process with ``workers=1``, else by a pool of ``workers`` spawned processes, one
 and the results appended in unit order to the current shard of their split; a shard is closed at
 ``max_shard_tokens``. The split, the counts and the order of the ids are decided in this process from
 the document index alone, and a piece's ids do not depend on which unit or process encoded it, so the
-shards are byte-identical for any ``workers``. Memory stays bounded by ``2 * workers + 1`` units of text
-and ids in flight, whatever the corpus size.
+shards are byte-identical for any ``workers``. Memory stays bounded by ``workers + 1`` units of text
+and ids in flight, whatever the corpus size (``_Encoding``).
 
 Around every document the writer puts ``DocumentSpecials.document_start`` / ``document_end``
 (``mileloss.data.tokenizer``): e.g. nothing / eos for our byte-level BPE, bos / eos for LLaMA-style
@@ -34,6 +34,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -166,54 +167,108 @@ def _with_last_flag_pieces(document: Document) -> Iterator[tuple[str, bool]]:
     yield current, True
 
 
-_WORKER_ENCODER: TextEncoder | None = None
+def _worker_main(connection, tokenizer_json: str) -> None:
+    """A tokenizing process: receive a unit's texts, send back ``("ok", ids)``, until ``None`` or end of pipe.
 
-
-def _init_worker(tokenizer_json: str) -> None:
-    """Pool initializer: one tokenizer per worker process, single-threaded (N workers use N cores)."""
-    global _WORKER_ENCODER
+    One tokenizer thread (N workers use N cores); Ctrl-C is left to the main process, which stops the workers.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_ENCODER = TextEncoder(tokenizer_json)
-
-
-def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
-    return _WORKER_ENCODER(texts)
+    encoder = TextEncoder(tokenizer_json)
+    while True:
+        try:
+            texts = connection.recv()
+        except (EOFError, OSError):  # the main process is gone (killed): nothing to do
+            return
+        if texts is None:
+            return
+        try:
+            connection.send(("ok", encoder(texts)))
+        except Exception as error:  # reported to the main process, which raises it as a named error
+            connection.send(("error", f"{type(error).__name__}: {error}"))
 
 
 class _Encoding:
-    """Work units encoded in order: inline (``workers=1``) or by a spawned pool, at most ``2 * workers`` pending."""
+    """Work units encoded in order: inline (``workers=1``), or by ``workers`` spawned processes, one pipe each.
+
+    Unit i goes to worker ``i % workers``, and only after the result of unit ``i - workers`` (that worker's
+    previous unit) has been received: at most ``workers`` units are in flight, results come back in unit order,
+    and no worker ever waits on another (no shared queue or lock a killed worker could leave held). A worker
+    that dies is seen at once (its pipe ends) and raised as an ``OSError``; the main process dying ends
+    every worker's pipe, and the workers exit.
+    """
 
     def __init__(self, encoder: TextEncoder, workers: int):
         self.encoder, self.workers = encoder, workers
-        self.pool = None
+        self.connections, self.processes = [], []
+        self.in_flight: deque = deque()  # (unit, worker index), oldest first
+        self.next_worker = 0
         if workers > 1:
             context = multiprocessing.get_context("spawn")  # no fork of a process holding Rust threads
-            self.pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder.tokenizer_json,))
-        self.in_flight: deque = deque()
+            try:
+                for _ in range(workers):
+                    ours, theirs = context.Pipe(duplex=True)
+                    process = context.Process(target=_worker_main, args=(theirs, encoder.tokenizer_json),
+                                              daemon=True, name="mileloss-tokenize")
+                    process.start()
+                    theirs.close()  # only the worker holds its end: its death ends our reads
+                    self.connections.append(ours)
+                    self.processes.append(process)
+            except BaseException:
+                self.close(ok=False)
+                raise
 
     def submit(self, unit, texts: list[str]) -> Iterator[tuple[object, list[np.ndarray]]]:
         """Queue one unit; yield ``(unit, ids)`` of the units now done, oldest first."""
-        if self.pool is None:
+        if self.workers == 1:
             yield unit, self.encoder(texts)
             return
-        self.in_flight.append((unit, self.pool.apply_async(_encode_in_worker, (texts,))))
-        while len(self.in_flight) > 2 * self.workers:
-            unit, result = self.in_flight.popleft()
-            yield unit, result.get()
+        if len(self.in_flight) == self.workers:  # the next worker still holds the oldest unit
+            yield self._receive_oldest()
+        index = self.next_worker
+        try:
+            self.connections[index].send(texts)
+        except OSError:  # BrokenPipeError: the worker is gone
+            self._raise_dead(index)
+        self.in_flight.append((unit, index))
+        self.next_worker = (index + 1) % self.workers
 
     def drain(self) -> Iterator[tuple[object, list[np.ndarray]]]:
         while self.in_flight:
-            unit, result = self.in_flight.popleft()
-            yield unit, result.get()
+            yield self._receive_oldest()
+
+    def _receive_oldest(self) -> tuple[object, list[np.ndarray]]:
+        unit, index = self.in_flight.popleft()
+        try:
+            status, payload = self.connections[index].recv()
+        except (EOFError, OSError):
+            self._raise_dead(index)
+        if status != "ok":
+            raise TokenizerError(f"a tokenizing worker failed: {payload}")
+        return unit, payload
+
+    def _raise_dead(self, index: int):
+        process = self.processes[index]
+        process.join(timeout=5)
+        raise OSError(
+            f"a tokenizing worker process (pid {process.pid}) died with exit code {process.exitcode} "
+            "(killed, or out of memory: fewer --workers need less)"
+        ) from None
 
     def close(self, ok: bool) -> None:
-        if self.pool is not None:
-            if ok:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        for connection in self.connections:
+            try:
+                if ok:
+                    connection.send(None)
+            except OSError:
+                pass
+            connection.close()  # a worker waiting for work sees the end of its pipe and exits
+        for process in self.processes:
+            process.join(timeout=10 if ok else 1)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.connections, self.processes = [], []
 
 
 def write_shards(
