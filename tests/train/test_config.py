@@ -227,3 +227,38 @@ def test_a_run_trains_and_resumes_with_the_derived_accumulation(data_dir, tmp_pa
     with pytest.raises(ResumeMismatchError, match=r"run.grad_accum_steps: checkpoint 2, now 1.*derived from "
                                                   r"run.tokens_per_step"):
         train(load_config(None, [*base, "run.batch_size=8"]), resume=True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_tokens_per_step_run_started_on_two_ranks_resumes_on_one(data_dir, tmp_path):
+    """2 ranks derive accumulation 1, one process derives 2: the same global batch, so resuming the 2-rank run's
+    step-2 checkpoint in one process is accepted and the remaining steps keep 256 tokens each."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from mileloss.train import train
+    from tests.train._train_utils import REPO, subprocess_env, tiny_overrides
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(data_dir, out, **{"run.max_steps": 4, "run.checkpoint_every": 2, "run.eval_every": 0,
+                                                 "run.tokens_per_step": 256, "run.num_threads": 1})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "mileloss", "train", *overrides, "--quiet"]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_config(out / "config.yaml").run.grad_accum_steps == 1  # 256 / (4 x 32 x 2 ranks)
+    # pretend the run stopped after step 2: drop what steps 3-4 wrote (this test's own files)
+    for path in (out / "checkpoints").iterdir():
+        if "4" in path.name.split(".")[0]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(out / "final")
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step_00000002.json",
+                                                                              "step_00000002.pt"]
+    train(load_config(None, overrides), resume=True)
+    assert "step_00000004.pt" in {path.name for path in (out / "checkpoints").iterdir()}  # steps 3-4 ran again
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["tokens"] for line in lines if "loss" in line] == [256, 512, 768, 1024]
+    assert load_config(out / "config.yaml").run.grad_accum_steps == 2  # one process: 256 / (4 x 32)
