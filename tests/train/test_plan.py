@@ -170,6 +170,15 @@ def test_dry_run_takes_the_vocabulary_from_the_data_manifest(data_dir, capsys):
     assert json.loads(out)["shape"]["vocab"] == 512
 
 
+def test_dry_run_reads_the_world_size_from_torchruns_environment(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    code, out, err = _train(["468M", "--dry-run", "--json", "model.vocab_size=32000"], capsys)
+    assert code == 0, err
+    assert (json.loads(out)["world_size"], json.loads(out)["grad_accum_steps"]) == (16, 2)
+    code, out, err = _train(["468M", "--dry-run", "--json", "model.vocab_size=32000", "--world-size", "8"], capsys)
+    assert code == 0 and json.loads(out)["world_size"] == 8  # the option wins over the environment
+
+
 def test_dry_run_for_one_process_says_which_column_applies(capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     code, out, err = _train(["tiny", "--dry-run", "model.vocab_size=512"], capsys)

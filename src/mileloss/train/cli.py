@@ -82,6 +82,15 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
+def _env_world_size() -> int:
+    """``$WORLD_SIZE`` (set by torchrun), else 1."""
+    text = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    try:
+        return int(text)
+    except ValueError:
+        raise PlanError(f"WORLD_SIZE={text!r} in the environment is not a number; pass --world-size N") from None
+
+
 def _vocab_size(config: TrainConfig) -> int:
     """``model.vocab_size``, else the manifest of ``data.dir`` (read, not verified), else a :class:`PlanError`."""
     if config.model.vocab_size is not None:
@@ -161,7 +170,7 @@ def format_plan(plan) -> str:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.dry_run:
-        world_size = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world_size = args.world_size if args.world_size is not None else _env_world_size()
         print(dry_run(config, world_size, args.gpu_memory, args.json))
         return 0
     from mileloss.train.loop import train
