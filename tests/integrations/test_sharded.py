@@ -54,7 +54,7 @@ def reference_grads(model, batches, kind="mile"):
     return losses, grads
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out: str, head_unit: bool) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     import os
 
     import torch.distributed as dist
@@ -64,36 +64,39 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, head_unit: bool) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    engine = hf.linear_token_weighted_loss
     try:
-        model = tiny_llama()
-        expected_losses, expected = reference_grads(model, [rank_batch(r) for r in range(world)])
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        if head_unit:
-            fully_shard(model.lm_head, mesh=mesh)  # the head in its own unit: sharded outside its forward
-        fully_shard(model, mesh=mesh)
-        apply_mileloss(model, loss="mile", gamma=1.5, sigma=0.5, chunk_size=5)
-        outside = type(model.lm_head.weight).__name__
-        seen = []
-        engine = hf.linear_token_weighted_loss
+        results = {}
+        for head_unit in (False, True):
+            model = tiny_llama()
+            expected_losses, expected = reference_grads(model, [rank_batch(r) for r in range(world)])
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            if head_unit:
+                fully_shard(model.lm_head, mesh=mesh)  # the head in its own unit: sharded outside its forward
+            fully_shard(model, mesh=mesh)
+            apply_mileloss(model, loss="mile", gamma=1.5, sigma=0.5, chunk_size=5)
+            outside = type(model.lm_head.weight).__name__
+            seen = []
 
-        def recording(hidden, weight, *args, **kwargs):
-            seen.append((type(weight).__name__, tuple(weight.shape)))
-            return engine(hidden, weight, *args, **kwargs)
+            def recording(hidden, weight, *args, seen=seen, **kwargs):
+                seen.append((type(weight).__name__, tuple(weight.shape)))
+                return engine(hidden, weight, *args, **kwargs)
 
-        hf.linear_token_weighted_loss = recording
-        input_ids, labels = rank_batch(rank)
-        for _ in range(2):  # twice: the second forward finds the head resharded again
-            model.zero_grad(set_to_none=True)
-            outputs = model(input_ids, labels=labels)
-            assert outputs.logits is None
-            outputs.loss.backward()
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        if rank == 0:
-            torch.save({"outside": outside, "seen": seen, "loss": float(outputs.loss), "grads": grads,
-                        "expected_losses": expected_losses, "expected": expected}, out)
+            hf.linear_token_weighted_loss = recording
+            input_ids, labels = rank_batch(rank)
+            for _ in range(2):  # twice: the second forward finds the head resharded again
+                model.zero_grad(set_to_none=True)
+                outputs = model(input_ids, labels=labels)
+                assert outputs.logits is None
+                outputs.loss.backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+            results[head_unit] = {"outside": outside, "seen": seen, "loss": float(outputs.loss), "grads": grads,
+                                  "expected_loss": expected_losses[rank], "expected": expected}
+        torch.save(results, f"{out}.{rank}")
     finally:
+        hf.linear_token_weighted_loss = engine
         dist.destroy_process_group()
 
 
@@ -103,24 +106,81 @@ def _port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("head_unit", [False, True], ids=["head-in-root-unit", "head-own-unit"])
-def test_fsdp2_on_two_gloo_processes_gives_the_unsharded_loss_and_gradients(tmp_path, head_unit):
+def test_fsdp2_on_two_gloo_processes_gives_the_unsharded_loss_and_gradients(tmp_path):
+    """Both layouts (lm_head in the root unit; lm_head its own unit) in one 2-process run. About 35 s on 2 shared
+    cores: slow."""
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
     import torch.multiprocessing as mp
 
-    out = tmp_path / "rank0.pt"
-    mp.spawn(_fsdp_worker, args=(2, _port(), str(out), head_unit), nprocs=2, join=True)
-    result = torch.load(out)
-    assert result["outside"] == "DTensor"  # the head is sharded between forwards in both layouts
-    # inside the fused loss the weight was the whole (vocab, D) matrix, a plain tensor, in both layouts
-    assert result["seen"] == [("Parameter", (VOCAB, 32))] * 2
-    assert_close(torch.tensor(result["loss"]), torch.tensor(result["expected_losses"][0]), torch.float32)
-    assert result["grads"].keys() == result["expected"].keys()
-    for name, grad in result["grads"].items():
-        assert_close(grad, result["expected"][name], torch.float32, what=f"FSDP2 grad {name}", atol=1e-5)
+    out = tmp_path / "fsdp2"
+    mp.spawn(_fsdp_worker, args=(2, _port(), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        for head_unit, result in torch.load(f"{out}.{rank}").items():
+            what = f"rank {rank}, {'head in its own unit' if head_unit else 'head in the root unit'}"
+            assert result["outside"] == "DTensor", what  # sharded between forwards in both layouts
+            # inside the fused loss the weight was the whole (vocab, D) matrix, a plain tensor
+            assert result["seen"] == [("Parameter", (VOCAB, 32))] * 2, what
+            assert_close(torch.tensor(result["loss"]), torch.tensor(result["expected_loss"]), torch.float32,
+                         what=f"FSDP2 loss, {what}")
+            assert result["grads"].keys() == result["expected"].keys()
+            for name, grad in result["grads"].items():
+                assert_close(grad, result["expected"][name], torch.float32, what=f"FSDP2 grad {name}, {what}",
+                             atol=1e-5)
+
+
+def _fsdp1_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for use_orig_params in (False, True):
+            model = tiny_llama()
+            expected_losses, expected = reference_grads(model, [rank_batch(r) for r in range(world)])
+            apply_mileloss(model, loss="mile", gamma=1.5, sigma=0.5)
+            model.lm_head = FullyShardedDataParallel(model.lm_head, use_orig_params=use_orig_params,
+                                                     device_id=torch.device("cpu"))
+            input_ids, labels = rank_batch(rank)
+            outputs = model(input_ids, labels=labels)
+            outputs.loss.backward()
+            flat = model.lm_head._flat_param  # this rank's shard of the flattened head weight and its gradient
+            start = rank * flat.numel()
+            wanted = expected["lm_head.weight"].flatten()[start:start + flat.numel()]
+            results[use_orig_params] = {
+                "loss": float(outputs.loss), "expected_loss": expected_losses[rank],
+                "head": (flat.grad[: wanted.numel()].clone(), wanted),
+            }
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp1_head_unit_with_and_without_orig_params_gives_the_unsharded_gradients(tmp_path):
+    """FullyShardedDataParallel around lm_head: between forwards its weight is a 1-d shard (use_orig_params=True)
+    or a (vocab, D) view whose storage FSDP freed (False); both are gathered by running the loss as its forward.
+    The loss is this rank's reference loss, and the head's reduce-scattered gradient shard equals that shard of the
+    unsharded reference (averaged over the ranks' batches). About 40 s on 2 shared cores: slow."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "fsdp1"
+    mp.spawn(_fsdp1_worker, args=(2, _port(), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        for use_orig_params, result in torch.load(f"{out}.{rank}").items():
+            what = f"rank {rank}, use_orig_params={use_orig_params}"
+            assert_close(torch.tensor(result["loss"]), torch.tensor(result["expected_loss"]), torch.float32,
+                         what=f"FSDP1 loss, {what}")
+            assert_close(*result["head"], torch.float32, what=f"FSDP1 head grad shard, {what}", atol=1e-5)
 
 
 class ZeroParamStatus(enum.Enum):  # DeepSpeed's names (deepspeed.runtime.zero.partition_parameters)

@@ -202,6 +202,11 @@ def _whole_weight_problem(weight: torch.Tensor, hidden: torch.Tensor) -> str | N
                     f"{full or '?'})")
     if weight.dim() != 2 or weight.shape[-1] != hidden.shape[-1]:
         return f"of shape {tuple(weight.shape)}, not (vocab, {hidden.shape[-1]}) (a flattened or sharded parameter)"
+    if weight.device.type != "meta":
+        needed = (weight.storage_offset() + weight.numel()) * weight.element_size()
+        if weight.untyped_storage().nbytes() < needed:  # FSDP1 (use_orig_params=False) between its forwards
+            return (f"a view of shape {tuple(weight.shape)} whose storage holds {weight.untyped_storage().nbytes()} "
+                    f"of its {needed} bytes (a resharded FSDP1 flat parameter)")
     return None
 
 
