@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{median(mode, 'optimizer') / 2**20:,.1f} | {median(mode, 'model_state') / 2**20:,.1f} | "
               f"{median(mode, 'resident_state_mib'):,.0f} | {median(mode, 'peak_rss_mib'):,.0f} | "
               f"{median(mode, 'rss_growth_mib'):,.0f} | {median(mode, 'step_seconds'):.2f} |")
+    from mileloss.train.plan import ModelShape, memory_per_rank
+
+    shape = ModelShape.of_preset(args.preset, args.vocab)
+    planned = {mode: memory_per_rank(shape, mode, 2, micro_batch=args.batch_size, seq_len=args.seq_len, bf16=False,
+                                     checkpointing=False).model_state / 2**20 for mode in MODES}
+    print(f"\nthe --dry-run plan (mileloss.train.plan) for the same shape and 2 ranks: model state per rank "
+          f"ddp {planned['ddp']:,.1f} MiB, fsdp {planned['fsdp']:,.1f} MiB")
     state = worst("fsdp", "model_state") / median("ddp", "model_state")
     resident_ratio = worst("fsdp", "resident_state_mib") / median("ddp", "resident_state_mib")
     rss = median("fsdp", "rss_growth_mib") / median("ddp", "rss_growth_mib")
