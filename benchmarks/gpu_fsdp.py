@@ -51,6 +51,25 @@ class ZipfTokens:
         return tokens[:, :-1], tokens[:, 1:]
 
 
+def _init_one_rank_group(backend: str) -> None:
+    """A 1-rank process group in this process: an in-memory store, or a TCP store on a free local port if the
+    backend refuses the in-memory one."""
+    import socket
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    except (RuntimeError, ValueError) as error:
+        print(f"gpu_fsdp: {backend} with an in-memory store failed ({error}); using a local TCP store",
+              file=sys.stderr)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
@@ -78,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     config = resolve_schedule(config, 1)
     run_info = PreparedRun(config, None, None, device, 1, torch.bfloat16 if bf16 else None)
 
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    _init_one_rank_group("nccl" if cuda else "gloo")
     try:
         context = DistributedContext(0, 1, 0)
         torch.manual_seed(config.run.seed)
