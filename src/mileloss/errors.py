@@ -330,16 +330,6 @@ class SweepMismatchError(ConfigError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sharded training (appended: a ConfigError, by what the user must fix)
-
-
-class ShardedCheckpointError(ConfigError):
-    """``run.parallel=fsdp`` with checkpoints (``run.checkpoint_every`` > 0) or ``--resume``: sharded checkpoints
-    in Distributed Checkpoint (DCP) format are not implemented yet; train with ``run.checkpoint_every=0`` or with
-    ``run.parallel=ddp``."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the global batch and the "will it fit?" plan (appended: a ConfigError, by what the user must fix)
 
 

@@ -3,7 +3,8 @@
     RUN_DIR/
       config.yaml                the TrainConfig (``mileloss.train.config.save_config``)
       metrics.jsonl, metrics.csv every metric line; the training lines as CSV (``mileloss.train.metrics``)
-      checkpoints/               step_*.pt with their checksum records (``mileloss.train.checkpoint``)
+      checkpoints/               step_*.pt with their checksum records (``mileloss.train.checkpoint``), or
+                                 step_N/ sharded DCP folders with a manifest (``mileloss.train.dcp``)
       tensorboard/               optional scalars
       final/                     the ``save_pretrained`` model and tokenizer, and ``mileloss_run.json``: the run's
                                  metadata, written once and last (its presence means the export is complete)
