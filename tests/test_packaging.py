@@ -60,9 +60,15 @@ def test_wheel_carries_the_benchmark_fetcher_and_the_preflight(wheel):
     assert {"mileloss/dependencies.py", "mileloss/eval/lm_eval_bridge.py", "mileloss/data/download.py"} <= names
     bridge = wheel.read("mileloss/eval/lm_eval_bridge.py").decode()
     assert lm_eval_bridge.BENCHMARK_WHEEL_SHA256 in bridge and lm_eval_bridge.BENCHMARK_WHEEL in bridge
-    # the benchmark files are fetched, not shipped: the wheel stays small and carries no third-party data
+    # the benchmark files are fetched, not shipped: the wheel stays small; the one data file it ships is the
+    # default corpus (offline `mileloss data` / `make reproduce`), pinned, with its attribution beside it
     assert not any("hf_datasets" in name or name.endswith(".arrow") for name in names)
-    assert sum(info.file_size for info in wheel.infolist()) < 2 * 2**20
+    from mileloss.data.named import NAMED_CORPORA
+
+    corpus = f"mileloss/data/bundled/{NAMED_CORPORA['shakespeare'].filename}"
+    assert wheel.getinfo(corpus).file_size == NAMED_CORPORA["shakespeare"].size
+    assert "mileloss/data/bundled/shakespeare.json" in names
+    assert sum(info.file_size for info in wheel.infolist() if info.filename != corpus) < 2 * 2**20
 
 
 def test_wheel_metadata_lists_every_extra_the_preflight_names(wheel):
