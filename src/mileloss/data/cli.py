@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer",
         metavar="PATH",
-        help="use this pretrained tokenizer instead of training one: a local Hugging Face tokenizer folder or a "
-        "tokenizer.json file (e.g. LLaMA's 32000 tokens); the manifest records which special ids go around "
-        "each document (see mileloss.data.tokenizer)",
+        help="use this pretrained tokenizer instead of training one: a local Hugging Face tokenizer folder, a "
+        "tokenizer.json file (e.g. LLaMA's 32000 tokens), or a hub id org/name when the hub is reachable; the "
+        "manifest records which special ids go around each document (see mileloss.data.tokenizer)",
     )
     parser.add_argument(
         "--workers",

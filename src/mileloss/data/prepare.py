@@ -82,7 +82,8 @@ def prepare_corpus(
         out_dir: the data directory to write.
         vocab_size: vocabulary of the byte-level BPE trained on the corpus (ignored with ``tokenizer``).
         tokenizer: a pretrained tokenizer to use (and copy) instead of training one: a local Hugging Face
-            tokenizer folder or a ``tokenizer.json`` file (``mileloss.data.tokenizer.load_tokenizer``).
+            tokenizer folder, a ``tokenizer.json`` file, or a hub id ``org/name`` when the hub is reachable
+            (``mileloss.data.tokenizer.load_tokenizer``).
         text_field: the text field (dotted path) of JSONL records and parquet rows.
         domain_field: the domain field (dotted path, e.g. ``meta.pile_set_name``): the manifest then records
             documents and tokens per domain and split (``domains``). Default: the mix preset's field, if any.

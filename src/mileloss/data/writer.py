@@ -2,7 +2,7 @@
 
 The pass is streaming: documents are read one at a time, their pieces (``Document.chunks``) gathered
 into work units of about ``BATCH_CHARS`` characters in corpus order, each unit encoded (in this
-process with ``workers=1``, else by a pool of ``workers`` spawned processes, one tokenizer thread each),
+process with ``workers=1``, else by ``workers`` spawned processes, one tokenizer thread each),
 and the results appended in unit order to the current shard of their split; a shard is closed at
 ``max_shard_tokens``. The split, the counts and the order of the ids are decided in this process from
 the document index alone, and a piece's ids do not depend on which unit or process encoded it, so the
@@ -59,7 +59,7 @@ from mileloss.errors import ConfigError, EmptyCorpusError, TokenizerError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_TOKENS = 100_000_000
-BATCH_CHARS = 2**20  # text per encode_batch call
+BATCH_CHARS = 2**20  # characters of text per work unit (one encode call)
 MOVE_BLOCK_TOKENS = 8 * 2**20
 MAX_WORKERS = 256
 
