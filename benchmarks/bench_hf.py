@@ -83,7 +83,8 @@ def worker(args: argparse.Namespace) -> dict:
         num_key_value_heads=max(args.hidden // 64, 1), max_position_embeddings=args.seq_len,
         tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    with device:  # initialised where it runs (a 128256 x 1024 head takes seconds to initialise on a CPU)
+        model = transformers.LlamaForCausalLM(config).to(dtype=dtype).train()
     if args.worker.startswith("mileloss-"):
         from mileloss.integrations import apply_mileloss
 
