@@ -1,13 +1,14 @@
 """One training step of the same Hugging Face Llama with HF's own loss vs ``apply_mileloss`` (not a test).
 
     python benchmarks/bench_hf.py                       # CPU: hidden 256, 4 x 256 tokens, vocab 32000 and 128256
-    python benchmarks/bench_hf.py --device cuda         # GPU: bf16, hidden 1024, 8 x 1024 tokens, + Liger-Kernel
+    python benchmarks/bench_hf.py --device cuda         # GPU: bf16, hidden 1024, 8 x 1024 tokens, + Liger, CCE
 
 Variants, each in a fresh subprocess (``--worker``; Liger-Kernel patches transformers' classes process-wide):
 ``hf`` (``LlamaForCausalLM(..., labels=labels).loss``: the (tokens, vocab) logits, upcast to fp32, then
 cross-entropy), ``mileloss-ce`` and ``mileloss-mile`` (the same model after ``apply_mileloss``), and on CUDA
 ``liger`` (``apply_liger_kernel_to_llama`` with only ``fused_linear_cross_entropy`` on, so that the body is the same
-as the others; "not installed" when ``liger_kernel`` cannot be imported). A step is forward + backward of the
+as the others; "not installed" when ``liger_kernel`` cannot be imported) and ``cce`` (Cut Cross-Entropy's
+``cce_patch(model)``, likewise). A step is forward + backward of the
 loss (no optimizer). Each worker builds the model with the same seed and the same batch, runs ``--warmup`` steps,
 then times ``--steps`` steps; the table gives the median step time, the peak memory of a step, their ratios to
 ``hf`` of the same vocabulary, and the loss (the CE variants must agree with ``hf``: a sanity check).
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("hf", "mileloss-ce", "mileloss-mile", "liger")
+VARIANTS = ("hf", "mileloss-ce", "mileloss-mile", "liger", "cce")
 
 
 def _status_bytes(field: str) -> int:
@@ -85,6 +86,12 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     with device:  # initialised where it runs (a 128256 x 1024 head takes seconds to initialise on a CPU)
         model = transformers.LlamaForCausalLM(config).to(dtype=dtype).train()
+    if args.worker == "cce":
+        try:
+            from cut_cross_entropy.transformers import cce_patch
+        except ImportError as error:
+            return {"variant": args.worker, "vocab": args.vocab, "skipped": f"not installed ({error})"}
+        model = cce_patch(model)  # Cut Cross-Entropy's patch of this instance, its default kernel, mean
     if args.worker.startswith("mileloss-"):
         from mileloss.integrations import apply_mileloss
 
