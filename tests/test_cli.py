@@ -90,6 +90,13 @@ def test_under_ddp_every_rank_names_itself(monkeypatch, capsys):
     assert _error_line(capsys) == "mileloss train: error: [rank 1] data.dir 'x' does not exist"
 
 
+def test_a_torchrun_variable_that_is_not_a_number_is_a_one_line_error_not_a_traceback(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    monkeypatch.setenv("RANK", "x")
+    assert cli.main(["train", "tiny", "--dry-run", "model.vocab_size=1000"]) == 2
+    assert "WORLD_SIZE='abc'" in _error_line(capsys)
+
+
 def test_help_documents_the_exit_status(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out

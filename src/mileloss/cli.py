@@ -56,10 +56,19 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable set by torchrun; a value that is not one counts as unset (the trainer's own
+    checks name the bad variable; this is only for log levels and message prefixes)."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 def setup_logging(quiet: bool = False, verbose: int = 0) -> None:
     """One format for every verb: INFO by default, WARNING with --quiet (and on DDP ranks > 0), DEBUG with -v."""
     level = logging.DEBUG if verbose else logging.INFO
-    if quiet or int(os.environ.get("RANK", "0")) != 0:
+    if quiet or _env_int("RANK", 0) != 0:
         level = logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -103,7 +112,7 @@ def run_verb(name: str, argv: list[str]) -> int:
     # argparse raises SystemExit itself: 0 after --help, 2 after a usage error (its message already printed)
     args = module.parse(parser, argv) if hasattr(module, "parse") else parser.parse_args(argv)
     setup_logging(args.quiet, args.verbose)
-    rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if _env_int("WORLD_SIZE", 1) > 1 else ""
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
