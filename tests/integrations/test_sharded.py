@@ -309,3 +309,52 @@ def test_an_instance_forward_already_on_the_head_is_put_back_after_the_gathered_
     model.eval()
     assert model(input_ids, labels=labels).logits.shape == (*input_ids.shape, VOCAB)  # eval logits: its forward
     assert calls
+
+
+def _deepspeed_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny_llama()
+    expected_losses, expected = reference_grads(model, [rank_batch(r) for r in range(world)])
+    apply_mileloss(model, loss="mile", gamma=1.5, sigma=0.5)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                      config=config)
+    weight = engine.module.lm_head.weight
+    outside = (tuple(weight.shape), getattr(weight.ds_status, "name", None), tuple(weight.ds_shape))
+    input_ids, labels = rank_batch(rank)
+    loss = engine(input_ids=input_ids, labels=labels).loss
+    engine.backward(loss)
+    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    torch.save({"outside": outside, "loss": float(loss), "expected_loss": expected_losses[rank], "grads": grads,
+                "expected": expected}, f"{out}.{rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_real_deepspeed_zero3_on_two_gloo_processes_gives_the_unsharded_loss_and_gradients(tmp_path):
+    """DeepSpeed is not a dependency (its CPU engine runs with DS_ACCELERATOR=cpu and gloo); where it is installed,
+    a real ZeRO-3 engine partitions the head (0-size data, NOT_AVAILABLE outside its forward) and the fused loss,
+    run as the head's forward, gives every full gradient of the unsharded reference."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "zero3"
+    mp.spawn(_deepspeed_worker, args=(2, _port(), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(f"{out}.{rank}")
+        assert result["outside"] == ((0,), "NOT_AVAILABLE", (VOCAB, 32))
+        assert_close(torch.tensor(result["loss"]), torch.tensor(result["expected_loss"]), torch.float32,
+                     what=f"ZeRO-3 loss, rank {rank}")
+        for name, grad in result["grads"].items():
+            assert_close(grad, result["expected"][name], torch.float32, what=f"ZeRO-3 grad {name}", atol=1e-5)
