@@ -202,11 +202,14 @@ def _whole_weight_problem(weight: torch.Tensor, hidden: torch.Tensor) -> str | N
                     f"{full or '?'})")
     if weight.dim() != 2 or weight.shape[-1] != hidden.shape[-1]:
         return f"of shape {tuple(weight.shape)}, not (vocab, {hidden.shape[-1]}) (a flattened or sharded parameter)"
-    if weight.device.type != "meta":
-        needed = (weight.storage_offset() + weight.numel()) * weight.element_size()
-        if weight.untyped_storage().nbytes() < needed:  # FSDP1 (use_orig_params=False) between its forwards
-            return (f"a view of shape {tuple(weight.shape)} whose storage holds {weight.untyped_storage().nbytes()} "
-                    f"of its {needed} bytes (a resharded FSDP1 flat parameter)")
+    try:  # tensor subclasses without a plain storage (quantised weights, ...) skip this check
+        held = None if weight.device.type == "meta" else weight.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        held = None
+    needed = (weight.storage_offset() + weight.numel()) * weight.element_size()
+    if held is not None and held < needed:  # FSDP1 (use_orig_params=False) between its forwards
+        return (f"a view of shape {tuple(weight.shape)} whose storage holds {held} of its {needed} bytes (a "
+                "resharded FSDP1 flat parameter)")
     return None
 
 
