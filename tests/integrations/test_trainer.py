@@ -114,7 +114,8 @@ def test_mile_trainer_refuses_an_unpatched_model_and_a_compute_loss_func(tmp_pat
                     compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str, loss: str, accumulation: int) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, loss: str, accumulation: int,
+                plain: bool = False) -> None:
     """One process of a 2-process gloo run: per-device batch 4 / (world * k), k micro-batches per step."""
     import os
 
@@ -123,13 +124,14 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, loss: str, accum
     torch.set_num_threads(1)
     from pathlib import Path
 
-    params, losses = train(Path(out_dir), MiLeTrainer, loss, accumulation, per_device=4 // (world * accumulation),
+    trainer_class = transformers.Trainer if plain else MiLeTrainer
+    params, losses = train(Path(out_dir), trainer_class, loss, accumulation, per_device=4 // (world * accumulation),
                            ddp=True)
     import torch.distributed as dist
 
     assert dist.is_initialized() and dist.get_world_size() == world  # the Trainer did run data-parallel
     if rank == 0:
-        torch.save((params, losses), Path(out_dir) / f"ddp-{loss}-{accumulation}.pt")
+        torch.save((params, losses), Path(out_dir) / f"ddp-{loss}-{accumulation}{'-plain' if plain else ''}.pt")
     dist.destroy_process_group()
 
 
@@ -242,3 +244,26 @@ def test_a_loss_set_as_model_loss_function_runs_through_trainer_with_hf_keywords
         print(f"\nCE selected by model.loss_type under transformers {transformers.__version__}'s Trainer: relative "
               f"update deviation from HF's own CE {deviation(by_type, hf_own, initial):.2e}; as model.loss_function "
               f"{deviation(results[1], hf_own, initial):.2e}")
+
+
+@needs_hooks
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_plain_trainer_on_two_gloo_processes_is_off_for_mile_and_the_deviation_is_measured(tmp_path, initial, capsys):
+    """The plain Trainer with the patched model on 2 processes (k = 1): each rank's weighted mean, averaged by DDP,
+    against one process on the same global batch (MiLeTrainer k = 1, which is the plain Trainer's k = 1 too)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), "mile", 1, True), nprocs=2, join=True)
+    params, _ = torch.load(tmp_path / "ddp-mile-1-plain.pt")
+    one, _ = train(tmp_path, MiLeTrainer, "mile", 1)
+    measured = deviation(params, one, initial)
+    with capsys.disabled():
+        print(f"\nplain Trainer, MiLe gamma=1.5 sigma=0.5, 2 gloo processes vs 1 process on the same global batch: "
+              f"relative deviation of the 2-step update {measured:.2e}")
+    assert measured > 1e-3
