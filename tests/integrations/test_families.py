@@ -155,7 +155,7 @@ class _LargestLogits(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("family", ["Llama", "GPT-NeoX", "Mixtral"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_training_step_never_builds_a_tokens_by_vocab_tensor(family):
     model = build(family)
     input_ids, attention_mask, labels = batch()

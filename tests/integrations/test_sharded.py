@@ -358,3 +358,16 @@ def test_real_deepspeed_zero3_on_two_gloo_processes_gives_the_unsharded_loss_and
                      what=f"ZeRO-3 loss, rank {rank}")
         for name, grad in result["grads"].items():
             assert_close(grad, result["expected"][name], torch.float32, what=f"ZeRO-3 grad {name}", atol=1e-5)
+
+
+def test_the_gathered_path_builds_no_tokens_by_vocab_tensor_either():
+    from tests.integrations.test_families import _LargestLogits
+
+    model = tiny_llama()
+    zero3_partition(model.lm_head)
+    apply_mileloss(model, loss="mile", chunk_size=8)
+    input_ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    with _LargestLogits() as seen:
+        model(input_ids, labels=input_ids).loss.backward()
+    # a (chunk, V) block or the head weight's transpose (D, V), D = 32 < 64 tokens
+    assert 0 < seen.largest <= 32 * VOCAB < input_ids.numel() * VOCAB
