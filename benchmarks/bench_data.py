@@ -206,7 +206,8 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row), flush=True)
         if args.compare:
-            earlier = json.loads(Path(args.compare).read_text().strip().splitlines()[-1])
+            lines = Path(args.compare).read_text().splitlines()
+            earlier = json.loads(next(line for line in reversed(lines) if line.startswith('{"mode": "memory"')))
             now = next(row for row in rows if row["tool"] == "mileloss")
             growth = [row["peak_mb"] - row["peak_mb_before_call"] for row in (now, earlier)]
             print(f"peak RSS {now['mb']:.0f} MB corpus / {earlier['mb']:.0f} MB corpus: "
