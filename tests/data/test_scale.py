@@ -135,9 +135,13 @@ def test_a_tokenizer_json_without_an_eos_named_token_is_refused(tmp_path, corpus
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("workers", [0, -1, 1000, 1.5, True])
+@pytest.mark.parametrize("workers", [0, -1, "cpus + 1", 1.5, True])
 def test_bad_workers_is_a_config_error_before_anything_is_read(tmp_path, corpus_dir, workers):
-    with pytest.raises(ConfigError, match="--workers must be an integer from 1 to 256"):
+    from mileloss.data.writer import usable_cpus
+
+    limit = max(2, usable_cpus())
+    workers = limit + 1 if workers == "cpus + 1" else workers
+    with pytest.raises(ConfigError, match=rf"--workers must be an integer from 1 to {limit} \(the usable"):
         prepare_corpus([corpus_dir], tmp_path / "out", workers=workers, progress=False)
     assert not (tmp_path / "out").exists()
 

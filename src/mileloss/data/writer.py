@@ -416,10 +416,17 @@ def write_shards(
     return _finalize(writers, out_dir, vocab_size, dtype)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def check_workers(workers) -> None:
-    """``workers`` must be an integer in [1, ``MAX_WORKERS``]."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
-        raise ConfigError(f"--workers must be an integer from 1 to {MAX_WORKERS}, got {workers!r}")
+    """``workers`` must be an integer from 1 to the usable CPUs (2 on a 1-CPU machine; at most ``MAX_WORKERS``):
+    every worker is a process that imports torch (hundreds of MB), so a typo like ``--workers 200`` is refused."""
+    limit = min(MAX_WORKERS, max(2, usable_cpus()))
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= limit:
+        raise ConfigError(f"--workers must be an integer from 1 to {limit} (the usable CPUs), got {workers!r}")
 
 
 def _split_single_document(train: _ShardWriter, val: _ShardWriter, val_fraction: float) -> None:
