@@ -221,13 +221,27 @@ def test_mileloss_train_refuses_edited_specials_in_one_line_before_building_a_mo
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_hub_id_is_tried_only_for_a_missing_org_name_path_and_fails_offline_with_a_named_error(
+def test_a_hub_id_is_tried_only_for_a_missing_org_name_path_and_an_unreachable_hub_is_a_named_error(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find offline
+    """No hub here: transformers' loader is replaced by one that fails as it does offline (and records its call)."""
+    import transformers
+
+    calls = []
+
+    def offline(name, **kwargs):
+        calls.append((name, kwargs))
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TokenizerError, match="'no-such-org/no-such-tok': no such local folder or file, and the hub id"):
+    with pytest.raises(TokenizerError, match="'no-such-org/no-such-tok': no such local folder or file, and the hub id "
+                                             "cannot be loaded .OSError: We couldn't connect"):
         load_tokenizer("no-such-org/no-such-tok")
+    assert calls == [("no-such-org/no-such-tok", {"trust_remote_code": False})]
     with pytest.raises(TokenizerError, match="does not exist"):
-        load_tokenizer("a/b/c")  # not org/name: a missing path
+        load_tokenizer("a/b/c")  # not org/name: a missing path, the hub is not asked
+    (tmp_path / "org" / "tok").mkdir(parents=True)
+    with pytest.raises(TokenizerError, match="cannot load a tokenizer from org/tok"):
+        load_tokenizer("org/tok")  # an existing folder is read as a folder, never as a hub id
+    assert len(calls) == 2 and calls[1] == ("org/tok", {"local_files_only": True, "trust_remote_code": False})
