@@ -115,6 +115,16 @@ def test_compiled_inner_loss_under_an_outer_torch_compile_of_the_model(strict_co
     assert_close(compiled_grad, eager_grad, torch.float32)
 
 
+def test_compiled_nan_and_inf_logits_poison_their_rows_as_eager_does(strict_compile):
+    logits, targets = make_batch(37)
+    logits[2, 5] = float("nan")
+    logits[20, 7] = float("inf")
+    got = loss_and_grads(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits)
+    want = loss_and_grads(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=False), logits)
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+    assert torch.equal(torch.isnan(got[1][0]), torch.isnan(want[1][0]))
+
+
 # --- the switch and the fallback (no compilation needed) -----------------------------------------------------
 
 
@@ -132,6 +142,7 @@ def test_auto_keeps_small_chunks_eager_and_the_environment_can_switch_it_off(mon
     assert not compiled_module.auto_compile(512, 1000, torch.device("cpu"))
     assert compiled_module.auto_compile(512, 32000, torch.device("cpu"))
     assert not compiled_module.auto_compile(512, 32000, torch.device("meta"))
+    assert not compiled_module.auto_compile(512, 32000, torch.device("cuda"))  # not measured there yet
     monkeypatch.setenv(compiled_module.ENV, "0")
     assert not compiled_module.wants_compile("auto", 4096, 32000, torch.device("cpu"))
     assert compiled_module.wants_compile(True, 4096, 32000, torch.device("cpu"))  # an explicit True wins
@@ -262,3 +273,78 @@ def test_compiled_paper_mode_and_masked_logits_match_oracle(strict_compile):
     want = reference.official_loss(logits, targets, "mile")
     got = mileloss.mile_loss(logits.float(), targets, chunk_size=CHUNK, normalize="paper", compile=True)
     assert_close(got, want, torch.float32, what="paper loss")
+
+
+@pytest.mark.slow
+def test_compiled_no_grad_forward_and_stats_equal_eager(strict_compile):
+    logits, targets = make_batch(37)
+    with torch.no_grad():  # the eval path: statistics only, no gradient written
+        got, got_stats = mileloss.mile_loss(logits, targets, chunk_size=CHUNK, compile=True, return_stats=True)
+        want, want_stats = mileloss.mile_loss(logits, targets, chunk_size=CHUNK, compile=False, return_stats=True)
+    assert_close(got, want, torch.float32, what="loss")
+    for name in ("ce", "entropy", "lse", "log_weight"):
+        a, b = getattr(got_stats, name), getattr(want_stats, name)
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)), name
+        assert_close(a[finite], b[finite], torch.float32, what=name)
+    assert_close(got_stats.lse, torch.logsumexp(logits.double(), dim=-1), torch.float32, what="lse vs logsumexp")
+
+
+_TWO_PROCESSES = """
+import sys, torch, mileloss
+torch.manual_seed(int(sys.argv[1]))
+z = torch.randn(37, 103) * 3
+y = torch.randint(0, 103, (37,))
+a = mileloss.mile_loss(z, y, chunk_size=16, compile=True)
+b = mileloss.mile_loss(z, y, chunk_size=16, compile=False)
+from mileloss.losses import compiled
+assert not compiled._FAILED, compiled._FAILED
+torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+print("ok", a.item())
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_compiling_into_one_fresh_inductor_cache_at_once_both_succeed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(seed)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.startswith("ok")
+
+
+_KILLED_THEN_AGAIN = """
+import os, signal, sys, threading, torch, mileloss
+if sys.argv[1] == "kill":  # die by SIGKILL one second into the compilation
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+z = torch.randn(37, 103) * 3
+y = torch.randint(0, 103, (37,))
+a = mileloss.mile_loss(z, y, chunk_size=16, compile=True)
+b = mileloss.mile_loss(z, y, chunk_size=16, compile=False)
+from mileloss.losses import compiled
+assert not compiled._FAILED, compiled._FAILED
+torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_compilation_killed_mid_way_leaves_a_cache_the_next_process_can_use(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_THEN_AGAIN, "kill"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -9
+    again = subprocess.run([sys.executable, "-c", _KILLED_THEN_AGAIN, "run"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.startswith("ok")
