@@ -59,3 +59,24 @@ def test_the_model_around_the_loss_compiles_on_cuda():
     compiled.backward()
     assert torch.isfinite(head.weight.grad).all()
     assert_close(compiled, eager, torch.float32, what="compiled vs eager")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_fused_mile_with_bias_on_cuda_matches_the_float64_oracle(dtype):
+    # the Triton path of the compiled per-chunk math: bf16 GEMM output overwritten by the bf16 gradient,
+    # the bias added inside the kernel, a ragged last chunk (700 rows in chunks of 256: a dynamic-rows compile)
+    hidden64, weight64, targets = _inputs(dtype)
+    bias64 = torch.randn(V, dtype=torch.float64).to(dtype).double()
+    h = hidden64.to("cuda", dtype).requires_grad_()
+    w = weight64.to("cuda", dtype).requires_grad_()
+    b = bias64.to("cuda", dtype).requires_grad_()
+    loss = mileloss.linear_mile_loss(h, w, targets.cuda(), b, chunk_size=256, compile=True)
+    loss.backward()
+    h64, w64, b64 = (t.clone().requires_grad_() for t in (hidden64, weight64, bias64))
+    expected = reference.loss(h64 @ w64.T + b64, targets, "mile")
+    expected.backward()
+    from mileloss.losses import compiled
+    assert not compiled._FAILED, compiled._FAILED  # it compiled (no fallback to eager)
+    assert_close(loss.cpu(), expected, dtype, what="loss")
+    for name, got, want in (("hidden", h, h64), ("weight", w, w64), ("bias", b, b64)):
+        assert_close(got.grad.cpu(), want.grad, dtype, what=f"grad {name}")

@@ -425,12 +425,13 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
                 out = None if mode == "stats" else head.compiled_out(src, start, stop)
                 if rows != rows_max:
                     _compiled.mark_ragged(src, out, safe, valid, log_t, coef_ce, coef_logw, coef_z)
+                signature = (vocab, src.dtype, None if out is None else out.dtype, device.type)
                 with torch.no_grad():
                     if out is not None and out is src:
-                        fn = _compiled.compiled("in_place", opts, mode)
+                        fn = _compiled.compiled("in_place", opts, mode, signature)
                         stats, grown = fn(src, head.bias, safe, valid, log_t, running, coef_ce, coef_logw, coef_z)
                     else:
-                        fn = _compiled.compiled("write_back", opts, mode)
+                        fn = _compiled.compiled("write_back", opts, mode, signature)
                         stats, grown = fn(src, out, head.bias, safe, valid, log_t, running, coef_ce, coef_logw,
                                           coef_z)
                 grad_z = out

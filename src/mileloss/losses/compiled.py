@@ -253,9 +253,11 @@ def _fresh_copy(fn, **keywords):
     return copy
 
 
-def compiled(variant: str, opts: ChunkOptions, mode: str):
-    """The compiled function for (variant "in_place" | "write_back", options, mode), built once."""
-    key = (variant, opts, mode)
+def compiled(variant: str, opts: ChunkOptions, mode: str, signature: tuple = ()):
+    """The compiled function for (variant "in_place" | "write_back", options, mode, ``signature``), built once.
+    ``signature`` (V, dtype, device type from the chunk loop) gives every vocabulary size and dtype its own code
+    object too, so that dynamo's limit of 8 entries per code object is not reached by a process that uses many."""
+    key = (variant, opts, mode, signature)
     fn = _CACHE.get(key)
     if fn is None:
         base = _in_place if variant == "in_place" else _write_back
