@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 import mileloss
-from mileloss.losses.chunked import default_chunk_size
 from bench_loss import oracle_loss  # the float64 oracle, written independently of mileloss
+from mileloss.losses.chunked import default_chunk_size
 
 IGNORE = -100
 

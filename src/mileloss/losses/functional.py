@@ -329,9 +329,10 @@ def token_weighted_loss(
             "sum" is the sum of "none"; ``TokenStats.z_loss_sum`` reports the part). A z-loss > 0 makes the
             backward recompute the chunks (one more sweep).
         compile: the element-wise math of each chunk compiled with ``torch.compile`` (True), eager (False), or
-            "auto": compiled where it was measured faster (chunks of >= 2^20 logits on CPU), else eager; the environment variable ``MILELOSS_COMPILE=0``/``1`` overrides "auto" (not an explicit
-            True/False). Same results to rounding; if compilation fails, one ``RuntimeWarning`` and the eager
-            path (``mileloss.losses.compiled``).
+            "auto": compiled where it was measured faster (chunks of >= 2^20 logits on CPU), else eager; the
+            environment variable ``MILELOSS_COMPILE=0``/``1`` overrides "auto" (not an explicit True/False).
+            Same results to rounding; if compilation fails, one ``RuntimeWarning`` and the eager path
+            (``mileloss.losses.compiled``).
     Returns:
         The loss (0-d, or shaped like ``targets`` for "none"), and the stats if asked. A mean comes back in
         the logits' dtype; "sum" and "none" in float32 (float64 for float64 logits), also for 16-bit logits.
