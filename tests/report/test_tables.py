@@ -50,9 +50,20 @@ def test_verdict_judges_a_difference_by_its_paired_interval_where_there_is_one()
     _, metrics = comparison_table(groups)
     paired = GroupIntervals(intervals={"low": Interval(-4.0, -6.5, -1.25, 2, 64)}, pairs=[], notes=[])
     text = verdict(groups, metrics, {"MiLe γ=1 σ=1": paired})
-    assert "11.500 vs CE 12.000, −4.17%, paired: lower, 95 % CI [−6.50 %, −1.25 %])" in text
+    assert "11.500 vs CE 12.000, −4.17%, paired: lower, 95 % CI [−6.50 %, −1.25 %]" in text
     assert "within seed noise" not in text.split(";")[0]
     same = GroupIntervals(intervals={"low": Interval(-4.0, -6.5, 0.5, 2, 64)}, pairs=[], notes=[])
     assert "paired: no detectable difference (95 % CI [−6.50 %, +0.50 %])" in verdict(
         groups, metrics, {"MiLe γ=1 σ=1": same})
     assert "within seed noise" in verdict(groups, metrics, {"MiLe γ=1 σ=1": GroupIntervals({}, [], [])})
+
+
+def test_verdict_says_when_a_change_compares_means_over_different_seeds():
+    # MiLe ran for seed 0 only, CE for seeds 0 and 1: "11.5 vs 12.0" compares one seed with a two-seed mean
+    groups = group_runs([_run("a", "ce", 0, 10), _run("c", "ce", 1, 14), _run("b", "mile", 0, 11.5)])
+    _, metrics = comparison_table(groups)
+    assert "−4.17%, within seed noise; means over other seeds (0 vs CE's 0, 1))" in verdict(groups, metrics)
+    same = group_runs([_run("a", "ce", 0, 10), _run("c", "ce", 1, 14), _run("b", "mile", 0, 11.5),
+                       _run("d", "mile", 1, 12.5)])
+    _, metrics = comparison_table(same)
+    assert "other seeds" not in verdict(same, metrics)

@@ -271,6 +271,10 @@ def verdict(groups: list[RunGroup], metrics: dict[str, dict[str, Stat]],
                 detail += f", paired: {format_interval(interval)}"
             elif _within_noise(stat, ref[key]):
                 detail += ", within seed noise"
+            seeds, ref_seeds = sorted(set(group.seeds), key=str), sorted(set(reference.seeds), key=str)
+            if seeds != ref_seeds:  # e.g. a sweep point run for one seed only: the means are not comparable
+                detail += (f"; means over other seeds ({', '.join(map(str, seeds))} vs CE's "
+                           f"{', '.join(map(str, ref_seeds))})")
         return group.label, detail
 
     if not buckets:
