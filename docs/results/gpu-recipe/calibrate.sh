@@ -35,7 +35,7 @@ fi
 mkdir -p "$DEST"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-recipe-work.XXXXXX")   # data and the run: large, not copied back
 MILELOSS=${MILELOSS:-mileloss}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 if ! command -v "$MILELOSS" >/dev/null; then MILELOSS="$PYTHON -m mileloss"; fi
 
 if [ "$SMALL" = 1 ]; then
@@ -49,8 +49,14 @@ stamp() { date -u +%FT%TZ; }
 echo "$(stamp) calibrate: device $DEVICE, preset $PRESET, work folder $WORK, results in $DEST" | tee "$DEST/summary.txt"
 
 start=$(date +%s)
-$MILELOSS data --corpus shakespeare --vocab-size "$VOCAB" --out "$WORK/data" --workers 4 --no-progress \
-    > "$DEST/data.log" 2>&1
+WORKERS=$(nproc 2>/dev/null || echo 1)
+if [ "$WORKERS" -gt 4 ]; then WORKERS=4; fi   # mileloss data refuses more workers than usable CPUs
+if ! $MILELOSS data --corpus shakespeare --vocab-size "$VOCAB" --out "$WORK/data" --workers "$WORKERS" \
+        --no-progress > "$DEST/data.log" 2>&1; then
+    echo "calibrate.sh: mileloss data failed:" >&2
+    tail -5 "$DEST/data.log" >&2
+    exit 1
+fi
 echo "$(stamp) data prepared in $(( $(date +%s) - start )) s" | tee -a "$DEST/summary.txt"
 
 # the plan of the recipe's run on this data's vocabulary: 1, 8, 16, 32 GPUs of 80 GB
