@@ -150,3 +150,27 @@ def test_sweep_run_names_encode_gamma_and_sigma_unambiguously():
     assert RunSpec("mile", 1, 1.0, 1.0).trained_as() == RunSpec("mile", 1).trained_as()
     assert RunSpec.from_json({"loss": "mile", "seed": 1, "gamma": 0.5, "sigma": 1}) == RunSpec("mile", 1, 0.5, 1.0)
     assert RunSpec.from_json({"loss": "ce", "seed": 1, "gamma": 0.5, "sigma": 1}) is None
+
+
+def test_a_second_reproduce_on_a_run_being_trained_is_refused_and_changes_nothing(tiny_sweep, tmp_path, capsys):
+    # two reproduces on one --out: the second reaches a run the first is training (its lock is held) and stops with
+    # one line naming the lock, exit 2, leaving the finished runs as they were (found by hand: two processes, 2 cores)
+    import shutil
+
+    from mileloss.train.rundir import RunLock
+
+    out = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep, out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")}
+    busy = out / "runs" / "shakespeare-mile-g3.0-sig1.0-s111"
+    busy.mkdir()
+    lock = RunLock(busy)
+    lock.acquire()
+    try:
+        assert cli_main([*SWEEP[:-1], "3", "--losses", "ce,mile", "--out", str(out)]) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert f"train {busy}" in err and "in use by mileloss train" in err and len(err.strip().splitlines()) == 1
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in stamps.items())
+    assert sorted(p.name for p in busy.iterdir()) == []
