@@ -69,7 +69,8 @@ def test_paper_gradients_match_the_official_formula():
 
 @pytest.mark.parametrize("weighting", ["mile", "focal"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_paper_mode_on_peaked_logits_equals_the_official_formula_at_float64_tolerance(weighting, fused):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, id="compiled")])
+def test_paper_mode_on_peaked_logits_equals_the_official_formula_at_float64_tolerance(weighting, fused, compiled):
     # a third of the rows has p < 1e-8 in most columns: the official clamp makes each of those columns add
     # -1e-8 log 1e-8 ~ 1.8e-7 to H instead of ~0, a change far above float64 tolerance
     generator = torch.Generator(torch.get_default_device()).manual_seed(11)
@@ -85,10 +86,10 @@ def test_paper_mode_on_peaked_logits_equals_the_official_formula_at_float64_tole
     leaves = (hidden.clone().requires_grad_(), head.clone().requires_grad_())
     if fused:
         ours = mileloss.linear_token_weighted_loss(*leaves, labels, weighting=weighting, normalize="paper",
-                                                   chunk_size=7)
+                                                   chunk_size=7, compile=compiled)
     else:
         ours = mileloss.token_weighted_loss(leaves[0] @ leaves[1].T, labels, weighting=weighting,
-                                            normalize="paper", chunk_size=7)
+                                            normalize="paper", chunk_size=7, compile=compiled)
     ours.backward()
     expected_leaves = (hidden.clone().requires_grad_(), head.clone().requires_grad_())
     expected = reference.official(expected_leaves[0] @ expected_leaves[1].T, labels, weighting).mean()
