@@ -183,9 +183,13 @@ def _worker_main(connection, tokenizer_json: str) -> None:
         if texts is None:
             return
         try:
-            connection.send(("ok", encoder(texts)))
+            reply = ("ok", encoder(texts))
         except Exception as error:  # reported to the main process, which raises it as a named error
-            connection.send(("error", f"{type(error).__name__}: {error}"))
+            reply = ("error", f"{type(error).__name__}: {error}")
+        try:
+            connection.send(reply)
+        except OSError:  # the main process stopped listening (it is reporting another worker's death): exit quietly
+            return
 
 
 class _Encoding:
