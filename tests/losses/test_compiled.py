@@ -14,23 +14,9 @@ from mileloss.errors import ParameterError
 from mileloss.losses import compiled as compiled_module
 from tests import reference
 from tests.conftest import assert_close
+from tests.losses.helpers import grads_of, make_batch
 
 V, CHUNK = 103, 16
-
-
-def make_batch(n, v=V, dtype=torch.float32, ignore_every=5, scale=3.0):
-    logits = torch.randn(n, v, dtype=torch.float64) * scale
-    targets = torch.randint(0, v, (n,))
-    if ignore_every:
-        targets[::ignore_every] = reference.IGNORE
-    return logits.to(dtype), targets
-
-
-def loss_and_grads(fn, *tensors, grad_output=None):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    (out * (grad_output if grad_output is not None else 1.0)).sum().backward()
-    return out.detach(), [None if leaf is None else leaf.grad for leaf in leaves]
 
 
 @pytest.fixture
@@ -42,29 +28,29 @@ def strict_compile(monkeypatch):
 
 
 def test_compiled_from_logits_matches_eager_and_oracle_with_a_ragged_chunk_and_ignored_rows(strict_compile):
-    logits, targets = make_batch(37)  # chunks 16, 16, 5: the 5 is the dynamic-rows compilation
+    logits, targets = make_batch(37, V, torch.float32)  # chunks 16, 16, 5: the 5 is the dynamic-rows compilation
     results = {}
     for mode in (True, False):
-        results[mode] = loss_and_grads(
+        results[mode] = grads_of(
             lambda z, mode=mode: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=mode), logits)
-    want = loss_and_grads(lambda z: reference.loss(z, targets, "mile"), logits.double())
+    want = grads_of(lambda z: reference.loss(z, targets, "mile"), logits.double())
     (ours, (grad,)), (eager, (eager_grad,)) = results[True], results[False]
     assert_close(ours, want[0], torch.float32, what="compiled loss vs oracle")
     assert_close(grad, want[1][0], torch.float32, what="compiled grad vs oracle")
     assert_close(ours, eager, torch.float32, what="compiled vs eager loss")
     assert_close(grad, eager_grad, torch.float32, what="compiled vs eager grad")
     # another batch size reuses the compiled functions (a full chunk, then the dynamic ragged one)
-    logits2, targets2 = make_batch(21)
-    got = loss_and_grads(lambda z: mileloss.mile_loss(z, targets2, chunk_size=CHUNK, compile=True), logits2)
-    want2 = loss_and_grads(lambda z: reference.loss(z, targets2, "mile"), logits2.double())
+    logits2, targets2 = make_batch(21, V, torch.float32)
+    got = grads_of(lambda z: mileloss.mile_loss(z, targets2, chunk_size=CHUNK, compile=True), logits2)
+    want2 = grads_of(lambda z: reference.loss(z, targets2, "mile"), logits2.double())
     assert_close(got[0], want2[0], torch.float32, what="second batch loss")
     assert_close(got[1][0], want2[1][0], torch.float32, what="second batch grad")
 
 
 def test_compiled_all_ignored_batch_gives_zero_loss_and_zero_grad(strict_compile):
-    logits, _ = make_batch(37)
+    logits, _ = make_batch(37, V, torch.float32)
     targets = torch.full((37,), reference.IGNORE)
-    loss, (grad,) = loss_and_grads(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits)
+    loss, (grad,) = grads_of(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits)
     assert loss.item() == 0.0
     assert torch.equal(grad, torch.zeros_like(grad))
 
@@ -77,11 +63,11 @@ def test_compiled_fused_matches_oracle_for_hidden_weight_and_bias(strict_compile
     targets = torch.randint(0, V, (n,))
     targets[3::4] = reference.IGNORE
     f32 = [t.float() for t in (hidden, weight, bias)]
-    ours = loss_and_grads(lambda h, w, b: mileloss.linear_mile_loss(h, w, targets, b, chunk_size=CHUNK,
+    ours = grads_of(lambda h, w, b: mileloss.linear_mile_loss(h, w, targets, b, chunk_size=CHUNK,
                                                                     compile=True), *f32)
-    eager = loss_and_grads(lambda h, w, b: mileloss.linear_mile_loss(h, w, targets, b, chunk_size=CHUNK,
+    eager = grads_of(lambda h, w, b: mileloss.linear_mile_loss(h, w, targets, b, chunk_size=CHUNK,
                                                                      compile=False), *f32)
-    want = loss_and_grads(lambda h, w, b: reference.loss(h @ w.T + b, targets, "mile"), hidden, weight, bias)
+    want = grads_of(lambda h, w, b: reference.loss(h @ w.T + b, targets, "mile"), hidden, weight, bias)
     assert_close(ours[0], want[0], torch.float32, what="loss")
     for name, got, base, truth in zip(("hidden", "weight", "bias"), ours[1], eager[1], want[1], strict=True):
         assert_close(got, truth, torch.float32, what=f"grad {name} vs oracle")
@@ -89,9 +75,9 @@ def test_compiled_fused_matches_oracle_for_hidden_weight_and_bias(strict_compile
 
 
 def test_compiled_bf16_logits_give_the_oracle_to_bf16_tolerance(strict_compile):
-    logits, targets = make_batch(32, dtype=torch.bfloat16)  # two full chunks: one compilation
-    ours = loss_and_grads(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits)
-    want = loss_and_grads(lambda z: reference.loss(z, targets, "mile"), logits.double())
+    logits, targets = make_batch(32, V, torch.bfloat16)  # two full chunks: one compilation
+    ours = grads_of(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits)
+    want = grads_of(lambda z: reference.loss(z, targets, "mile"), logits.double())
     assert ours[1][0].dtype == torch.bfloat16
     assert_close(ours[0], want[0], torch.bfloat16, what="loss")
     assert_close(ours[1][0], want[1][0], torch.bfloat16, what="grad")
@@ -116,11 +102,11 @@ def test_compiled_inner_loss_under_an_outer_torch_compile_of_the_model(strict_co
 
 
 def test_compiled_nan_and_inf_logits_poison_their_rows_as_eager_does(strict_compile):
-    logits, targets = make_batch(37)
+    logits, targets = make_batch(37, V, torch.float32)
     logits[2, 5] = float("nan")
     logits[20, 7] = float("inf")
-    got = loss_and_grads(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits)
-    want = loss_and_grads(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=False), logits)
+    got = grads_of(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits)
+    want = grads_of(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=False), logits)
     assert torch.isnan(got[0]) and torch.isnan(want[0])
     assert torch.equal(torch.isnan(got[1][0]), torch.isnan(want[1][0]))
 
@@ -135,7 +121,7 @@ def _forbid_compile(monkeypatch):
 
 
 def test_auto_keeps_small_chunks_eager_and_the_environment_can_switch_it_off(monkeypatch):
-    logits, targets = make_batch(37)
+    logits, targets = make_batch(37, V, torch.float32)
     _forbid_compile(monkeypatch)
     monkeypatch.delenv(compiled_module.ENV, raising=False)
     mileloss.mile_loss(logits, targets, chunk_size=CHUNK)  # auto: 16 x 103 logits per chunk is far below 2^20
@@ -153,7 +139,7 @@ def test_auto_keeps_small_chunks_eager_and_the_environment_can_switch_it_off(mon
 
 @pytest.mark.parametrize("value", ["yes", 1, None, "True"])
 def test_a_bad_compile_argument_is_a_named_error(value):
-    logits, targets = make_batch(4)
+    logits, targets = make_batch(4, V, torch.float32)
     with pytest.raises(ParameterError, match="compile must be True, False or 'auto'"):
         mileloss.mile_loss(logits, targets, compile=value)
     with pytest.raises(ParameterError, match="compile"):
@@ -161,7 +147,7 @@ def test_a_bad_compile_argument_is_a_named_error(value):
 
 
 def test_a_bad_environment_value_is_a_named_error(monkeypatch):
-    logits, targets = make_batch(4)
+    logits, targets = make_batch(4, V, torch.float32)
     monkeypatch.setenv(compiled_module.ENV, "sometimes")
     with pytest.raises(ParameterError, match="MILELOSS_COMPILE must be 0, 1 or auto"):
         mileloss.mile_loss(logits, targets)
@@ -178,10 +164,10 @@ def test_a_failing_compilation_warns_once_and_falls_back_to_the_same_numbers(mon
     h = torch.randn(37, 12)
     w = torch.randn(V, 12) * 0.5
     targets = torch.randint(0, V, (37,))
-    want = loss_and_grads(lambda a, b: mileloss.linear_mile_loss(a, b, targets, chunk_size=CHUNK, compile=False),
+    want = grads_of(lambda a, b: mileloss.linear_mile_loss(a, b, targets, chunk_size=CHUNK, compile=False),
                           h, w)
     with pytest.warns(RuntimeWarning, match="no working C\\+\\+ compiler found\\); using the eager path") as record:
-        got = loss_and_grads(lambda a, b: mileloss.linear_mile_loss(a, b, targets, chunk_size=CHUNK, compile=True),
+        got = grads_of(lambda a, b: mileloss.linear_mile_loss(a, b, targets, chunk_size=CHUNK, compile=True),
                              h, w)
     assert len(record) == 1
     assert_close(got[0], want[0], torch.float32)
@@ -227,17 +213,17 @@ def test_compiled_sweep_matches_oracle(strict_compile, options, fused):
     if fused:
         hidden = torch.randn(n, d, dtype=torch.float64)
         weight = torch.randn(V, d, dtype=torch.float64)
-        ours = loss_and_grads(lambda h, w: mileloss.linear_token_weighted_loss(
+        ours = grads_of(lambda h, w: mileloss.linear_token_weighted_loss(
             h, w, targets, chunk_size=CHUNK, compile=True, **ours_options), hidden.float(), weight.float(),
             grad_output=None if go is None else go.float())
-        want = loss_and_grads(lambda h, w: reference.token_weighted_loss_reference(h @ w.T, targets, **options),
+        want = grads_of(lambda h, w: reference.token_weighted_loss_reference(h @ w.T, targets, **options),
                               hidden, weight, grad_output=go)
     else:
         logits = torch.randn(n, V, dtype=torch.float64) * 3
-        ours = loss_and_grads(lambda z: mileloss.token_weighted_loss(
+        ours = grads_of(lambda z: mileloss.token_weighted_loss(
             z, targets, chunk_size=CHUNK, compile=True, **ours_options), logits.float(),
             grad_output=None if go is None else go.float())
-        want = loss_and_grads(lambda z: reference.token_weighted_loss_reference(z, targets, **options), logits,
+        want = grads_of(lambda z: reference.token_weighted_loss_reference(z, targets, **options), logits,
                               grad_output=go)
     assert_close(ours[0], want[0], torch.float32, what="loss")
     for got, truth in zip(ours[1], want[1], strict=True):
@@ -252,9 +238,9 @@ def test_compiled_fused_in_other_dtypes(strict_compile, dtype):
     weight = torch.randn(V, d, dtype=torch.float64) * 0.5
     targets = torch.randint(0, V, (n,))
     targets[::6] = reference.IGNORE
-    ours = loss_and_grads(lambda h, w: mileloss.linear_mile_loss(h, w, targets, chunk_size=CHUNK, compile=True),
+    ours = grads_of(lambda h, w: mileloss.linear_mile_loss(h, w, targets, chunk_size=CHUNK, compile=True),
                           hidden.to(dtype), weight.to(dtype))
-    want = loss_and_grads(lambda h, w: reference.loss(h @ w.T, targets, "mile"), hidden, weight)
+    want = grads_of(lambda h, w: reference.loss(h @ w.T, targets, "mile"), hidden, weight)
     assert_close(ours[0], want[0], dtype, what="loss")
     for got, truth in zip(ours[1], want[1], strict=True):
         assert_close(got, truth, dtype, what="grad")
@@ -262,14 +248,14 @@ def test_compiled_fused_in_other_dtypes(strict_compile, dtype):
 
 @pytest.mark.slow
 def test_compiled_paper_mode_and_masked_logits_match_oracle(strict_compile):
-    logits, targets = make_batch(37, dtype=torch.float64)
+    logits, targets = make_batch(37, V, torch.float64)
     logits[:, 40:60] = -float("inf")  # masked vocabulary: p = 0 adds nothing to H
     targets[targets >= 40] = 3
-    want = loss_and_grads(lambda z: reference.loss(z, targets, "mile"), logits)
-    ours = loss_and_grads(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits.float())
+    want = grads_of(lambda z: reference.loss(z, targets, "mile"), logits)
+    ours = grads_of(lambda z: mileloss.mile_loss(z, targets, chunk_size=CHUNK, compile=True), logits.float())
     assert_close(ours[0], want[0], torch.float32, what="masked loss")
     assert_close(ours[1][0], want[1][0], torch.float32, what="masked grad")
-    logits, targets = make_batch(37, dtype=torch.float64)
+    logits, targets = make_batch(37, V, torch.float64)
     want = reference.official_loss(logits, targets, "mile")
     got = mileloss.mile_loss(logits.float(), targets, chunk_size=CHUNK, normalize="paper", compile=True)
     assert_close(got, want, torch.float32, what="paper loss")
@@ -277,7 +263,7 @@ def test_compiled_paper_mode_and_masked_logits_match_oracle(strict_compile):
 
 @pytest.mark.slow
 def test_compiled_no_grad_forward_and_stats_equal_eager(strict_compile):
-    logits, targets = make_batch(37)
+    logits, targets = make_batch(37, V, torch.float32)
     with torch.no_grad():  # the eval path: statistics only, no gradient written
         got, got_stats = mileloss.mile_loss(logits, targets, chunk_size=CHUNK, compile=True, return_stats=True)
         want, want_stats = mileloss.mile_loss(logits, targets, chunk_size=CHUNK, compile=False, return_stats=True)

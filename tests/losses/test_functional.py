@@ -8,23 +8,9 @@ from hypothesis import strategies as st
 import mileloss
 from tests import reference
 from tests.conftest import assert_close
+from tests.losses.helpers import grads_of, make_batch
 
 WEIGHTINGS = ["ce", "focal", "mile"]
-
-
-def make_batch(n, v, dtype=torch.float64, ignore_every=5, scale=3.0):
-    logits = torch.randn(n, v, dtype=torch.float64) * scale
-    targets = torch.randint(0, v, (n,))
-    if ignore_every:
-        targets[::ignore_every] = reference.IGNORE
-    return logits.to(dtype), targets
-
-
-def grads_of(fn, *tensors, grad_output=None):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    (out * (grad_output if grad_output is not None else 1.0)).sum().backward()
-    return out.detach(), [leaf.grad for leaf in leaves]
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)

@@ -9,16 +9,10 @@ import torch
 import mileloss
 from tests import reference
 from tests.conftest import assert_close
+from tests.losses.helpers import grads_of
 
 WEIGHTINGS = ["ce", "focal", "mile"]
 INF = float("inf")
-
-
-def grads_of(fn, *tensors, grad_output=None):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    (out * (grad_output if grad_output is not None else 1.0)).sum().backward()
-    return out.detach(), [leaf.grad for leaf in leaves]
 
 
 def masked_logits(n=23, v=31, seed=0):

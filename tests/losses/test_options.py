@@ -13,16 +13,9 @@ from mileloss.losses.distributed import WeightNormalizer
 from mileloss.losses.functional import make_spec
 from tests import reference
 from tests.conftest import assert_close
+from tests.losses.helpers import grads_of, make_batch
 
 WEIGHTINGS = ["ce", "focal", "mile"]
-
-
-def make_batch(n, v, dtype=torch.float64, ignore_every=5, scale=3.0):
-    logits = torch.randn(n, v, dtype=torch.float64) * scale
-    targets = torch.randint(0, v, (n,))
-    if ignore_every:
-        targets[::ignore_every] = reference.IGNORE
-    return logits.to(dtype), targets
 
 
 def make_token_weights(n, zero_every=7):
@@ -30,13 +23,6 @@ def make_token_weights(n, zero_every=7):
     if zero_every:
         t[3::zero_every] = 0.0
     return t
-
-
-def grads_of(fn, *tensors, grad_output=None):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    (out * (grad_output if grad_output is not None else 1.0)).sum().backward()
-    return out.detach(), [leaf.grad for leaf in leaves]
 
 
 def all_options(n):
