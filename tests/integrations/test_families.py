@@ -235,17 +235,8 @@ def test_subclass_of_a_verified_family_is_accepted():
     assert model(input_ids, attention_mask=attention_mask, labels=labels).loss.ndim == 0
 
 
-def test_under_bf16_autocast_the_head_runs_in_bf16_as_hf_would_and_fp32_weights_get_fp32_grads(monkeypatch):
-    import mileloss.integrations.hf as hf
-
-    seen = []
-    engine = hf.linear_token_weighted_loss
-
-    def recording(hidden, weight, *args, **kwargs):
-        seen.append((hidden.dtype, weight.dtype))
-        return engine(hidden, weight, *args, **kwargs)
-
-    monkeypatch.setattr(hf, "linear_token_weighted_loss", recording)
+def test_under_bf16_autocast_the_head_runs_in_bf16_as_hf_would_and_fp32_weights_get_fp32_grads(engine_dtypes):
+    seen = engine_dtypes
     model = build("Llama")
     input_ids, attention_mask, labels = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):

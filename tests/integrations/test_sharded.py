@@ -261,15 +261,8 @@ def test_a_sharded_head_that_nothing_gathers_is_refused_naming_what_it_is():
         model(input_ids, labels=labels)
 
 
-def test_an_fp32_head_on_a_bf16_body_runs_in_fp32_and_a_bf16_head_in_bf16(monkeypatch):
-    seen = []
-    engine = hf.linear_token_weighted_loss
-
-    def recording(hidden, weight, *args, **kwargs):
-        seen.append((hidden.dtype, weight.dtype))
-        return engine(hidden, weight, *args, **kwargs)
-
-    monkeypatch.setattr(hf, "linear_token_weighted_loss", recording)
+def test_an_fp32_head_on_a_bf16_body_runs_in_fp32_and_a_bf16_head_in_bf16(engine_dtypes):
+    seen = engine_dtypes
     model = tiny_llama()
     model.model.to(torch.bfloat16)  # bf16 body, fp32 head (as with an fp32-kept lm_head)
     input_ids, labels = batch()
