@@ -195,6 +195,28 @@ def test_only_requested_gradients_are_produced():
     assert_close(hidden.grad, expected, torch.float32)
 
 
+@pytest.mark.parametrize("compile_mode", [False, True])
+def test_from_logits_the_forward_keeps_only_the_logits_and_per_row_statistics(compile_mode):
+    # the gradient is made in backward, in one sweep from the saved row maxima and log-denominators: between
+    # forward and backward nothing of size (N, V) is held but the caller's own logits
+    n, v = 40, 300
+    logits, targets = make_batch(n, v, torch.float32)
+    logits.requires_grad_()
+    saved = []
+
+    def keep(tensor):
+        saved.append((tensor.data_ptr(), tensor.numel()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = mileloss.mile_loss(logits, targets, chunk_size=16, compile=compile_mode)
+    wide = [(ptr, size) for ptr, size in saved if size > n]
+    assert wide == [(logits.data_ptr(), n * v)]
+    loss.backward()
+    expected = grads_of(lambda z: reference.loss(z, targets), logits.detach().double())[1][0]
+    assert_close(logits.grad, expected, torch.float32)
+
+
 def test_second_backward_through_the_same_loss_gives_the_same_gradient():
     logits, targets = make_batch(6, 7)
     logits.requires_grad_()

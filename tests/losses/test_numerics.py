@@ -131,6 +131,60 @@ def test_fused_accumulators_are_rescaled_when_a_later_chunk_has_larger_weights()
         assert_close(got, expected, what=f"grad {name}", rtol=1e-9)
 
 
+@pytest.mark.parametrize("weighting,gamma,sigma,token_weights,fixed", [
+    ("ce", 1.0, 1.0, False, True), ("mile", 1.0, 1.0, False, True), ("mile", 0.5, 0.2, False, True),
+    ("mile", 40.0, 1.0, False, False), ("focal", 2.0, 1.0, False, False), ("mile", 1.0, 1.0, True, False)])
+def test_fused_single_pass_reads_nothing_back_where_the_log_weights_have_a_known_range(
+        monkeypatch, weighting, gamma, sigma, token_weights, fixed):
+    # CE and MiLe with sigma + H within e^20 of sigma + ln V: one fixed shift, so the (V, D) accumulators are
+    # never rescaled and the running maximum is never read on the host (a synchronisation per chunk on CUDA);
+    # focal, a wide MiLe range and caller's token weights keep the running maximum. Same gradient either way.
+    from mileloss.losses import chunked
+    calls = []
+    original = chunked.LinearHead.rescale_accumulators
+    monkeypatch.setattr(chunked.LinearHead, "rescale_accumulators",
+                        lambda head, ratio: (calls.append(ratio), original(head, ratio)))
+    generator = torch.Generator(torch.get_default_device()).manual_seed(5)
+    n, d, v = 36, 5, 50
+    hidden = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    hidden = hidden * torch.linspace(8, 0.05, n, dtype=torch.float64)[:, None]
+    weight = torch.randn(v, d, generator=generator, dtype=torch.float64)
+    # confident and right first, flat last: every weighting's weights grow from chunk to chunk
+    targets = (hidden @ weight.T).argmax(dim=1)
+    t = torch.logspace(0, 6, n, dtype=torch.float64) if token_weights else None
+    options = dict(weighting=weighting, gamma=gamma, sigma=sigma)
+    ours, our_grads = grads_of(lambda h, w: mileloss.linear_token_weighted_loss(
+        h, w, targets, chunk_size=5, token_weights=t, **options), hidden, weight)
+    want, want_grads = grads_of(lambda h, w: reference.loss(h @ w.T, targets, token_weights=t, **options),
+                                hidden, weight)
+    assert_close(ours, want, what="loss", rtol=1e-9)
+    for name, got, expected in zip(["hidden", "weight"], our_grads, want_grads, strict=True):
+        assert_close(got, expected, what=f"grad {name}", rtol=1e-9)
+    assert (calls == []) == fixed, calls
+
+
+def test_the_fixed_shift_bounds_every_log_weight_the_engine_can_produce():
+    from mileloss.losses.weights import single_pass_shift
+    v = 64
+    # a one-hot row (H = 0), a uniform row (H = ln V), peaked and flat rows, in paper mode too
+    spread = torch.randn(30, v, dtype=torch.float64) * torch.logspace(-3, 2, 30, dtype=torch.float64)[:, None]
+    one_hot = torch.full((1, v), -INF, dtype=torch.float64).index_fill_(1, torch.tensor([3]), 0.0)
+    logits = torch.cat([one_hot, torch.zeros(1, v, dtype=torch.float64), spread])
+    targets = torch.randint(0, v, (len(logits),))
+    for gamma, sigma in [(1.0, 1.0), (3.0, 0.5), (0.25, 0.01)]:
+        shift = single_pass_shift("mile", gamma, sigma, v)
+        assert shift == pytest.approx(gamma * math.log(sigma + math.log(v) + 1.0 + 2e-7 * v))
+        for normalize in ("weighted", "paper"):
+            _, stats = mileloss.mile_loss(logits, targets, gamma=gamma, sigma=sigma, normalize=normalize,
+                                          return_stats=True)
+            valid = stats.log_weight[torch.isfinite(stats.log_weight)]
+            assert valid.max() <= shift and valid.min() >= shift - 20.0, (gamma, sigma, normalize)
+    assert single_pass_shift("ce", 5.0, 1.0, v) == 0.0 and single_pass_shift("mile", 0.0, 0.0, v) == 0.0
+    assert single_pass_shift("focal", 2.0, 1.0, v) is None
+    assert single_pass_shift("mile", 1.0, 0.0, v) is None  # sigma = 0: H = 0 gives weight 0
+    assert single_pass_shift("mile", 40.0, 1.0, 32000) is None  # (1 + ln V)^40 spans ~e^100
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_unnormalised_outputs_carry_the_documented_fixed_shift(reduction):
     logits, targets = torch.randn(12, 3000, dtype=torch.float64), torch.randint(0, 3000, (12,))

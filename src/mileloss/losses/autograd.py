@@ -108,15 +108,23 @@ def output_dtype(spec: LossSpec, input_dtype: torch.dtype) -> torch.dtype:
     return input_dtype if spec.reduction == "mean" else compute_dtype(input_dtype)
 
 
+def uses_single_pass(spec: LossSpec, tensors) -> bool:
+    """Whether the gradient is built during the forward pass: on the fused path (its GEMM is not run twice)
+    when ``spec.single_pass`` allows it. From logits the forward only reduces rows and the backward makes the
+    gradient in one sweep from the saved row maxima and log-denominators: one (N, V) write instead of two
+    (build, then rescale), and no (N, V) gradient held between forward and backward."""
+    return spec.single_pass and len(tensors) > 1
+
+
 def _forward(spec: LossSpec, targets: torch.Tensor, tensors, needs: tuple[bool, ...],
              token_weights: torch.Tensor | None = None) -> ForwardResult:
     """Run the loop once; the head holds the (unnormalised) gradients if the single pass applies.
     ``token_weights``: (N,) the caller's t_i >= 0 (checked), or None."""
     head = _make_head(tensors)
     n = head.num_rows
-    single_pass = any(needs) and spec.single_pass
+    single_pass = any(needs) and uses_single_pass(spec, tensors)
     keys = STAT_KEYS + (("log_weight_all",) if spec.normalize == "paper" else ()) + (
-        ("row_shift",) if single_pass else ())
+        ("row_shift",) if single_pass else ("row_max", "log_d") if any(needs) and spec.detach_weight else ())
     dtype = compute_dtype(tensors[0].dtype)
     stats = {key: torch.zeros(n, dtype=dtype, device=targets.device) for key in keys}
     if single_pass:
@@ -165,7 +173,8 @@ class TokenWeightedLossFunction(torch.autograd.Function):
         result = _forward(spec, targets, tensors, needs, token_weights)
         stats = result.stats
         ctx.spec, ctx.shift, ctx.scale = spec, result.shift, result.scale
-        if spec.single_pass:
+        ctx.single_pass = any(needs) and uses_single_pass(spec, tensors)
+        if ctx.single_pass:
             head = result.head
             grads = head.grads()
             ctx.layout = tuple((g is not None, row) for g, row in zip(grads, head.row_wise, strict=True))
@@ -174,7 +183,10 @@ class TokenWeightedLossFunction(torch.autograd.Function):
             running = result.running if result.running is not None else torch.zeros(())
             ctx.save_for_backward(stats["row_shift"], running, *(g for g in grads if g is not None))
         else:
-            ctx.save_for_backward(targets, stats["log_weight"], stats["ce"], result.global_loss, *tensors[:2])
+            row_stats = (stats["row_max"], stats["log_d"]) if "row_max" in stats else ()
+            ctx.row_stats = len(row_stats)
+            ctx.save_for_backward(targets, stats["log_weight"], stats["ce"], result.global_loss, *row_stats,
+                                  *tensors[:2])
             ctx.bias = tensors[2] if len(tensors) == 3 else None
             ctx.token_weights, ctx.z_scale = token_weights, result.z_scale
         outputs = (result.loss, stats["ce"], stats["entropy"], stats["log_weight"], stats["lse"])
@@ -184,7 +196,7 @@ class TokenWeightedLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *unused_stat_grads):
-        if ctx.spec.single_pass:
+        if ctx.single_pass:
             return (None, None, None, *_single_pass_backward(ctx, grad_loss))
         return (None, None, None, *_recompute_backward(ctx, grad_loss))
 
@@ -220,6 +232,7 @@ def _recompute_backward(ctx, grad_loss):
     (CE_i - loss) / sum w); with a z-loss, coef_z_i = go_i * z_scale * t_i."""
     spec = ctx.spec
     targets, log_weight, ce, global_loss, *saved = ctx.saved_tensors
+    row_stats, saved = (tuple(saved[:ctx.row_stats]) or None), saved[ctx.row_stats:]
     tensors = (*saved, ctx.bias) if len(saved) == 2 else tuple(saved)
     dtype = log_weight.dtype
     valid = targets != spec.ignore_index
@@ -239,7 +252,8 @@ def _recompute_backward(ctx, grad_loss):
     log_t = None if ctx.token_weights is None else ctx.token_weights.double().log().to(dtype)
     head = _make_head(tensors)
     head.allocate_grads(tuple(ctx.needs_input_grad[3:]))
-    run_chunks(head, targets, spec, coefs=(coef_ce, coef_logw, coef_z), log_token_weights=log_t)
+    run_chunks(head, targets, spec, coefs=(coef_ce, coef_logw, coef_z), log_token_weights=log_t,
+               row_stats=row_stats)
     return _cast(head.grads(), head.output_dtypes())
 
 

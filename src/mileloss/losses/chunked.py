@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mileloss.losses import compiled as _compiled
-from mileloss.losses.weights import log_token_weight, log_weight_derivative, log_weight_shift
+from mileloss.losses.weights import log_token_weight, log_weight_derivative, log_weight_shift, single_pass_shift
 
 _LOG_CLAMP = math.log(1e-8)  # the official code clamps the softmax to [1e-8, 1] before its log
 _FLOOR = -1.0e4  # z - max below this has exp() == 0 exactly in float32 and float64: a -inf logit's stand-in
@@ -263,7 +263,7 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
         target's logit is -inf), nll (-log p_y, what focal's weight reads), entropy,
         log_weight (-inf where ignored; + log t_i with token weights), log_weight_all (the weight of every
         position, ignored ones included, as the official code counts them in paper mode), lse, log_d, d,
-        p_target.
+        p_target, row_max.
     """
     if spec.exact_tail:
         rowmax, top = z.max(dim=1, keepdim=True)  # NaN if any logit is NaN
@@ -302,7 +302,8 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
         log_weight_all = log_weight_all + log_token_weights
     log_weight = torch.where(valid, log_weight_all, torch.full_like(log_weight_all, -math.inf))
     return dict(ce=ce, nll=nll, entropy=entropy, log_weight=log_weight, log_weight_all=log_weight_all,
-                lse=rowmax.view(-1) + log_d, log_d=log_d, d=d, p_target=torch.exp(-nll))
+                lse=rowmax.view(-1) + log_d, log_d=log_d, d=d, p_target=torch.exp(-nll),
+                row_max=rowmax.view(-1))
 
 
 def _row_sum_of_products(product: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -376,7 +377,7 @@ def chunk_logit_grad(
 
 
 def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_out: dict | None = None,
-               log_token_weights: torch.Tensor | None = None):
+               log_token_weights: torch.Tensor | None = None, row_stats=None):
     """One sweep over all rows; fills ``stats_out`` (a dict of (N,) tensors, keys from :func:`chunk_row_stats`).
 
     ``log_token_weights``: (N,) log t_i of the caller's token weights (added to every log-weight), or None.
@@ -386,12 +387,17 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
 
     ``coefs=(coef_ce, coef_logw, coef_z)`` (each (N,) or None): also writes into ``head`` the logit gradient
     of sum_i coef_ce_i CE_i + coef_logw_i log w_i + coef_z_i lse_i^2 (the backward of the recompute path).
+    With ``row_stats=(row_max, log_d)`` ((N,) each, as the forward's ``stats_out`` got them) and no
+    ``coef_logw``, no row statistic is recomputed: each chunk's gradient is one sweep that reads the logits
+    once (p = exp(z - m - log d)) and writes the gradient once.
 
     ``coefs="weight"`` (the single pass): writes the gradient of sum_i exp(lw_i - R_i) CE_i, where R_i is
     the running maximum of the log-weights over the chunks up to row i's; ``stats_out["row_shift"]`` gets
     R_i (-inf while every weight so far is 0). The head's sums over tokens (fused weight and bias gradients)
     are rescaled by exp(R_old - R_new) whenever R grows, so at the end they are relative to the returned
-    final R. That comparison reads R on the host: one synchronisation per chunk on CUDA, fused path only.
+    final R. That comparison reads R on the host (one synchronisation per chunk on CUDA), so where the
+    log-weights have a known range (:func:`single_pass_shift`: CE and MiLe without token weights) R is that
+    fixed shift from the start, never grows, and nothing is rescaled or read back.
     Returns the final R (0-d), or None.
     """
     n, vocab = head.num_rows, head.vocab
@@ -406,15 +412,21 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
     raw = head.raw_buffer(rows_max) if use_compiled else None
     opts = _compiled.chunk_options(spec)
     mode = "stats" if coefs is None else "weight" if coefs == "weight" else "coefs"
+    if mode == "coefs" and row_stats is not None and coefs[1] is None:
+        mode = "lse"
     valid_all = targets != spec.ignore_index
     safe_all = torch.where(valid_all, targets, torch.zeros_like(targets))
-    running = torch.full((), -math.inf, dtype=dtype, device=device)
+    fixed = None if log_token_weights is not None else single_pass_shift(spec.weighting, spec.gamma, spec.sigma,
+                                                                           vocab)
+    running = torch.full((), -math.inf if fixed is None else fixed, dtype=dtype, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = stop - start
         safe, valid = safe_all[start:stop], valid_all[start:stop]
         log_t = None if log_token_weights is None else log_token_weights[start:stop]
-        if mode == "coefs":
+        if mode == "lse":  # the compiled function takes the saved row statistics in these two slots
+            log_t, running = (stat[start:stop] for stat in row_stats)
+        if mode in ("coefs", "lse"):
             coef_ce, coef_logw, coef_z = (None if c is None else c[start:stop] for c in coefs)
         else:
             coef_ce = coef_logw = coef_z = None
@@ -424,7 +436,7 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
                 src = head.raw_logits(None if raw is None else raw[:rows], start, stop)
                 out = None if mode == "stats" else head.compiled_out(src, start, stop)
                 if rows != rows_max:
-                    _compiled.mark_ragged(src, out, safe, valid, log_t, coef_ce, coef_logw, coef_z)
+                    _compiled.mark_ragged(src, out, safe, valid, log_t, running, coef_ce, coef_logw, coef_z)
                 signature = (vocab, src.dtype, None if out is None else out.dtype, device.type)
                 with torch.no_grad():
                     if out is not None and out is src:
@@ -447,7 +459,12 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
             if cap_buf is not None:  # z <- s tanh(z / s), the tanh kept for the gradient
                 tanh = torch.div(z, spec.softcap, out=cap_buf[:rows]).tanh_()
                 torch.mul(tanh, spec.softcap, out=z)
-            stats = chunk_row_stats(z, e, safe, valid, spec, log_t)
+            if mode == "lse":  # p itself into e, so that chunk_logit_grad's e / d is p with d = 1
+                row_max, log_d = log_t, running
+                torch.exp(z.sub_(row_max[:, None]).sub_(log_d[:, None]), out=e)
+                stats = dict(d=torch.ones_like(log_d), lse=row_max + log_d)
+            else:
+                stats = chunk_row_stats(z, e, safe, valid, spec, log_t)
             if mode == "weight":
                 grown = torch.maximum(running, stats["log_weight"].max())  # NaN propagates
         if stats_out is not None:
@@ -457,7 +474,7 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
         if mode == "stats":
             continue
         if mode == "weight":
-            if head.accumulates:
+            if head.accumulates and fixed is None:
                 old, new = float(running), float(grown)
                 if old != -math.inf and not old == new:  # NaN compares unequal: the sums become NaN
                     head.rescale_accumulators(math.exp(old - new))

@@ -72,6 +72,7 @@ def chunk_options(spec) -> ChunkOptions:
 def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, coef_z, *, opts: ChunkOptions,
                mode: str):
     """Row statistics of one chunk and, unless ``mode == "stats"``, its logit gradient; pure (no mutation).
+    Mode "lse" skips the statistics: see :func:`chunk_grad_from_stats`.
 
     Args:
         src: (C, V) logits of any float dtype (upcast to fp32, fp64 stays fp64), without the bias.
@@ -81,20 +82,18 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
         coef_ce, coef_logw, coef_z: (C,) per-row coefficients (mode "coefs"; the latter two may be None).
         mode: "stats" (no gradient), "weight" (the single pass: coef_ce_i = exp(lw_i - R), R the running
             maximum including this chunk), "coefs" (the recompute backward's given coefficients).
+        In mode "lse", ``log_t`` and ``running`` are the (C,) row maxima and log-denominators saved by the
+        forward pass (see :func:`chunk_grad_from_stats`).
     Returns:
-        (grad or None, stats dict of (C,) tensors: ce, entropy, log_weight, log_weight_all, lse; the new
-        running maximum or None). The formulas are those of ``chunked.chunk_row_stats`` and
+        (grad or None, stats dict of (C,) tensors: ce, entropy, log_weight, log_weight_all, lse, row_max,
+        log_d; the new running maximum or None). The formulas are those of ``chunked.chunk_row_stats`` and
         ``chunked.chunk_logit_grad``, whose docstrings derive them.
     """
-    dtype = torch.promote_types(src.dtype, torch.float32)
-    z = src.to(dtype)
-    if bias is not None:
-        z = z + bias.to(dtype)
+    z, tanh = _capped(src, bias, opts)
+    if mode == "lse":
+        return chunk_grad_from_stats(z, tanh, targets, log_t, running, coef_ce, coef_z, opts=opts), {}, None
+    dtype = z.dtype
     vocab = z.shape[1]
-    tanh = None
-    if opts.softcap is not None:
-        tanh = torch.tanh(z / opts.softcap)
-        z = tanh * opts.softcap
     if opts.exact_tail:
         rowmax, top = z.max(dim=1, keepdim=True)
     else:
@@ -136,7 +135,8 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
         log_weight_all = log_weight_all + log_t
     log_weight = torch.where(valid, log_weight_all, torch.full_like(log_weight_all, -math.inf))
     lse = rowmax.view(-1) + log_d
-    stats = dict(ce=ce, entropy=entropy, log_weight=log_weight, log_weight_all=log_weight_all, lse=lse)
+    stats = dict(ce=ce, entropy=entropy, log_weight=log_weight, log_weight_all=log_weight_all, lse=lse,
+                 row_max=rowmax.view(-1), log_d=log_d)
     if mode == "stats":
         return None, stats, None
     grown = None
@@ -168,6 +168,45 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
     if tanh is not None:
         grad = grad - grad * (tanh * tanh)
     return grad, stats, grown
+
+
+def _capped(src, bias, opts: ChunkOptions):
+    """(z, tanh): the chunk's logits in the compute dtype, plus the bias, capped to c tanh(z / c) under a
+    softcap c (tanh kept for the chain rule; None without a softcap)."""
+    z = src.to(torch.promote_types(src.dtype, torch.float32))
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    if opts.softcap is None:
+        return z, None
+    tanh = torch.tanh(z / opts.softcap)
+    return tanh * opts.softcap, tanh
+
+
+def chunk_grad_from_stats(z, tanh, targets, row_max, log_d, coef_ce, coef_z, *, opts: ChunkOptions):
+    """The logit gradient of sum_i [coef_ce_i CE_i + coef_z_i lse_i^2] from the forward pass's row statistics:
+    the backward of a detached weight, with no reduction over the vocabulary (one read of the logits, one write).
+
+    Args:
+        z: (C, V) the capped logits in the compute dtype, tanh: (C, V) or None (from :func:`_capped`).
+        targets: (C,) int64 (ignored rows replaced by 0; their coefficients are 0).
+        row_max, log_d: (C,) m_i = max_v z_iv and log d_i = log sum_v exp(z_iv - m_i), as the forward computed
+            them, so that p = exp((z - m) - log d) is rounded exactly as the forward's softmax was.
+        coef_ce: (C,).   coef_z: (C,) or None.
+    Returns (C, V): a_p p - (1 - eps) coef_ce onehot(y) - coef_ce eps / V, a_p = coef_ce + 2 coef_z lse, times
+    1 - tanh^2 under a softcap (``chunked.chunk_logit_grad`` derives it).
+    """
+    vocab = z.shape[1]
+    eps = opts.label_smoothing
+    a_p = coef_ce if coef_z is None else coef_ce + 2.0 * coef_z * (row_max + log_d)
+    a_y = coef_ce * (1.0 - eps) if eps else coef_ce
+    p = torch.exp((z - row_max[:, None]) - log_d[:, None])
+    cols = torch.arange(vocab, device=z.device)[None, :]
+    grad = p * a_p[:, None] - torch.where(cols == targets[:, None], a_y[:, None], torch.zeros_like(p))
+    if eps:
+        grad = grad - (coef_ce * (eps / vocab))[:, None]
+    if tanh is not None:
+        grad = grad - grad * (tanh * tanh)
+    return grad
 
 
 def _write_back(src, out, bias, targets, valid, log_t, running, coef_ce, coef_logw, coef_z, *, opts, mode):

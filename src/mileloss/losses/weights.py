@@ -27,6 +27,8 @@ WEIGHTINGS = ("ce", "focal", "mile")
 
 # the unnormalised outputs ("sum", "none", normalize="none") keep every weight below 2^32
 _SUM_HEADROOM = 32 * math.log(2.0)
+# single_pass_shift: the widest range of log-weights (in nats) that the fused single pass takes with a fixed shift
+_FIXED_SPAN = 20.0
 
 
 def _base(weighting: str, entropy: torch.Tensor, ce: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -96,3 +98,26 @@ def log_weight_shift(weighting: str, gamma: float, sigma: float, vocab: int) -> 
     if base <= 0.0:
         return 0.0
     return max(0.0, gamma * math.log(base) - _SUM_HEADROOM)
+
+
+def single_pass_shift(weighting: str, gamma: float, sigma: float, vocab: int) -> float | None:
+    """A data-independent shift c with every log-weight in [c - 20, c], or None where no such c exists.
+
+        ce, or gamma = 0:  c = 0                                    (every weight is 1)
+        mile, sigma > 0:   c = gamma * ln(sigma + h)                when gamma * ln((sigma + h) / sigma) <= 20
+        focal:             None                                     ((1 - p_y)^gamma has no lower bound)
+
+    with h = ln V + 1 + 2e-7 V > H (paper mode's clamped entropy exceeds ln V by up to V * 1.9e-7), so
+    exp(lw_i - c) lies in [2e-9, 1] for every token:
+    the fused single pass can weight each chunk's rows by it directly, with no running maximum, no rescaling
+    of the (V, D) accumulators and no host synchronisation per chunk. Where None (focal, a wide MiLe range,
+    caller's token weights), the chunk loop keeps the running maximum (``chunked.run_chunks``).
+    """
+    if weighting == "ce" or gamma == 0.0:
+        return 0.0
+    if weighting != "mile" or sigma <= 0.0:
+        return None
+    top = math.log(sigma + math.log(max(vocab, 1)) + 1.0 + 2e-7 * vocab)
+    if gamma * (top - math.log(sigma)) > _FIXED_SPAN:
+        return None
+    return gamma * top
