@@ -90,19 +90,26 @@ def test_head_token_statistics_equal_naive_float64_logits(weighting, gamma, sigm
     np.testing.assert_allclose(stats["entropy"], entropy.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(stats["weight"], expected_weight.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(stats["confidence"], log_p.exp().max(-1).values.numpy(), rtol=1e-10, atol=1e-12)
-    assert (stats["correct"] == (logits.argmax(-1) == targets).numpy()).all()
+    assert (stats["correct"] == (logits.argmax(-1) == targets).numpy()).all()  # no ties in random logits
 
 
-def test_head_token_statistics_take_the_max_pass_in_row_chunks(monkeypatch):
-    import mileloss.eval.perplexity as perplexity
-
-    monkeypatch.setattr(perplexity, "MAX_LOGIT_CHUNK_ELEMENTS", 53 * 5)  # 5 rows per chunk: 8 chunks for 37 rows
-    hidden, weight = torch.randn(37, 16, dtype=torch.float64), torch.randn(53, 16, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_correct_is_the_target_at_the_row_maximum_with_ties_counted_and_comes_from_the_one_engine_pass(dtype):
+    hidden, weight = torch.randn(37, 16, dtype=dtype), torch.randn(53, 16, dtype=dtype)
+    weight[3] = weight[7] = hidden[1] * 3  # types 3 and 7 always tie, and win row 1
+    logits = hidden.double() @ weight.double().T
     targets = torch.randint(0, 53, (37,))
-    chunked = head_token_statistics(hidden, weight, targets)
-    logits = hidden @ weight.T
-    np.testing.assert_allclose(chunked["confidence"], logits.softmax(-1).max(-1).values.numpy(), rtol=1e-10)
-    assert (chunked["correct"] == (logits.argmax(-1) == targets).numpy()).all()
+    targets[::2] = logits.argmax(-1)[::2]  # half the rows are right
+    assert logits.argmax(-1)[1] == 3
+    targets[1] = 7  # a tie with the argmax's first pick counts as correct
+    stats = head_token_statistics(hidden, weight, targets)
+    assert stats["correct"][1]
+    top_logit = logits.max(-1).values
+    expected = (logits.gather(1, targets[:, None]).squeeze(1) == top_logit).numpy()
+    assert expected.sum() >= 18
+    assert (stats["correct"] == expected).all()
+    np.testing.assert_allclose(stats["confidence"], logits.softmax(-1).max(-1).values.numpy(),
+                               rtol=1e-10 if dtype == torch.float64 else 1e-5)
 
 
 def test_windows_predict_every_token_but_the_first_exactly_once():

@@ -132,6 +132,29 @@ def test_per_token_stats_match_the_oracle_and_sum_up():
     assert int(stats.valid_count) == int((targets != reference.IGNORE).sum())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("compile_mode", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_per_token_max_logit_and_top1_correctness_come_with_the_stats(fused, compile_mode, softcap):
+    n, d, v = 29, 6, 41
+    hidden, weight = torch.randn(n, d, dtype=torch.float64), torch.randn(v, d, dtype=torch.float64)
+    logits = hidden @ weight.T
+    capped = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    targets = torch.randint(0, v, (n,))
+    targets[::3] = capped.argmax(-1)[::3]
+    targets[::7] = reference.IGNORE  # ignored rows are never correct, even where target 0 would be
+    options = dict(return_stats=True, chunk_size=8, softcap=softcap, compile=compile_mode)
+    if fused:
+        _, stats = mileloss.linear_mile_loss(hidden, weight, targets, **options)
+    else:
+        _, stats = mileloss.mile_loss(logits, targets, **options)
+    assert_close(stats.max_logit, capped.max(-1).values, what="max logit")
+    valid = targets != reference.IGNORE
+    expected = valid & (capped.argmax(-1) == torch.where(valid, targets, 0))
+    assert stats.correct.dtype == torch.bool and torch.equal(stats.correct, expected)
+    assert int(expected.sum()) >= 8
+
+
 @pytest.mark.parametrize("weighting", ["ce", "focal"])
 def test_per_token_entropy_is_reported_for_every_weighting(weighting):
     logits, targets = make_batch(17, 23)

@@ -7,11 +7,12 @@ state ``h_i`` and the LM head ``W``, ``p_i = softmax(z_i)``):
     H_i          = -sum_v p_iv log p_iv                       (entropy of the prediction, nats)
     w_i          = the weight of the run's own loss:  1 (ce),  (1 - p_i[y_i]) ** gamma (focal),
                    (sigma + H_i) ** gamma (mile), with the run's gamma and sigma
-    confidence_i = max_v p_iv = exp(max_v z_iv - logsumexp(z_i)),   correct_i = [argmax_v z_iv == y_i]
+    confidence_i = max_v p_iv = exp(max_v z_iv - logsumexp(z_i)),   correct_i = [z_i[y_i] == max_v z_iv]
 
-``ce``, ``H``, ``w`` and ``logsumexp`` come from the loss engine (:func:`mileloss.linear_token_weighted_loss` with
-``return_stats=True``) on the hidden states, so the (B, T, V) logits are never built; the engine does not return the
-row maximum, so ``max z`` and ``argmax z`` take one more pass over row chunks of at most ~64 MiB of logits.
+All of them come from one pass of the loss engine (:func:`mileloss.linear_token_weighted_loss` with
+``return_stats=True``: ``ce``, ``entropy``, ``weight``, ``lse``, ``max_logit`` and ``correct``) on the hidden
+states, so the (B, T, V) logits are never built and the LM head's GEMM runs once. ``correct_i`` is
+``z_i[y_i] == max_v z_iv``: a tie counts as correct (``argmax`` would pick the first of the tied types).
 
 For any set S of positions (all of them, or those whose *target* falls in one frequency bucket):
 ``loss_S = mean_{i in S} ce_i``, ``ppl_S = exp(loss_S)``, accuracy, the entropy/weight distribution and the
@@ -69,8 +70,6 @@ ECE_NUM_BINS = 15
 HISTOGRAM_NUM_BINS = 60
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 WEIGHTINGS = ("ce", "focal", "mile")
-MAX_LOGIT_CHUNK_ELEMENTS = 1 << 24
-"""Rows x V logits per chunk of the max/argmax pass (64 MiB in float32), whatever the vocabulary."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,24 +102,14 @@ def head_token_statistics(
 
     _, stats = linear_token_weighted_loss(hidden, head_weight, targets, head_bias, weighting=weighting,
                                           gamma=gamma, sigma=sigma, reduction="sum", return_stats=True)
-    # the row maximum and argmax of the logits, a bounded chunk of rows at a time (never N x V)
-    compute = torch.promote_types(head_weight.dtype, torch.float32)
-    weight = head_weight.to(compute)
-    bias = head_bias.to(compute) if head_bias is not None else None
-    rows = max(1, MAX_LOGIT_CHUNK_ELEMENTS // weight.shape[0])
-    max_logit = torch.empty(len(targets), dtype=compute, device=hidden.device)
-    argmax = torch.empty(len(targets), dtype=torch.int64, device=hidden.device)
-    for begin in range(0, len(targets), rows):
-        logits = torch.nn.functional.linear(hidden[begin : begin + rows].to(compute), weight, bias)  # (rows, V)
-        max_logit[begin : begin + rows], argmax[begin : begin + rows] = logits.max(dim=-1)
-    # exp(max z - lse) <= 1 up to rounding between the two passes' GEMMs
-    confidence = torch.exp(max_logit.double() - stats.lse.double()).clamp(max=1.0)
+    # exp(max z - lse) <= 1 up to the rounding of lse = max z + log sum exp(z - max z)
+    confidence = torch.exp(stats.max_logit.double() - stats.lse.double()).clamp(max=1.0)
     return {
         "ce": stats.ce.double().cpu().numpy(),
         "entropy": stats.entropy.double().clamp_min(0).cpu().numpy(),
         "weight": stats.log_weight.double().exp().cpu().numpy(),  # float64: w overflows float32 at large gamma
         "confidence": confidence.cpu().numpy(),
-        "correct": (argmax == targets).cpu().numpy(),
+        "correct": stats.correct.cpu().numpy(),
     }
 
 

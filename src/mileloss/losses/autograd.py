@@ -20,7 +20,7 @@ from mileloss.losses.chunked import (
 )
 from mileloss.losses.weights import log_weight_shift
 
-STAT_KEYS = ("ce", "entropy", "log_weight", "lse")
+STAT_KEYS = ("ce", "entropy", "log_weight", "lse", "row_max", "correct")
 
 
 class TokenStats(NamedTuple):
@@ -33,6 +33,9 @@ class TokenStats(NamedTuple):
         weight: w_i = exp(log_weight_i), times the caller's t_i when ``token_weights`` is given; 0 at ignored
         positions; inf where w_i exceeds the dtype (gamma = 40 at V = 32000 gives ~1e42): use ``log_weight``.
         log_weight: log w_i (+ log t_i), -inf at ignored positions.
+        max_logit: max_v z_iv (of the capped logits under a ``softcap``); exp(max_logit - lse) is the top-1
+        probability.   correct: bool, the target's logit equals the row maximum (top-1 accuracy without the
+        logits; a tie counts as correct, where ``argmax`` would pick the first); False at ignored positions.
     0-d float64 sums over *this* process's tokens only (sum them over micro-batches / all-reduce them to
     normalise exactly; see ``WeightNormalizer``):
         weight_sum = sum_i w_i exp(-c),  weighted_ce_sum = sum_i w_i CE_i exp(-c),  valid_count (the number
@@ -54,6 +57,8 @@ class TokenStats(NamedTuple):
     log_weight: torch.Tensor
     log_weight_shift: torch.Tensor
     z_loss_sum: torch.Tensor | None = None
+    max_logit: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
 
 
 class ForwardResult(NamedTuple):
@@ -124,9 +129,10 @@ def _forward(spec: LossSpec, targets: torch.Tensor, tensors, needs: tuple[bool, 
     n = head.num_rows
     single_pass = any(needs) and uses_single_pass(spec, tensors)
     keys = STAT_KEYS + (("log_weight_all",) if spec.normalize == "paper" else ()) + (
-        ("row_shift",) if single_pass else ("row_max", "log_d") if any(needs) and spec.detach_weight else ())
+        ("row_shift",) if single_pass else ("log_d",) if any(needs) and spec.detach_weight else ())
     dtype = compute_dtype(tensors[0].dtype)
-    stats = {key: torch.zeros(n, dtype=dtype, device=targets.device) for key in keys}
+    stats = {key: torch.zeros(n, dtype=torch.bool if key == "correct" else dtype, device=targets.device)
+             for key in keys}
     if single_pass:
         head.allocate_grads(needs)
     log_t = None if token_weights is None else token_weights.double().log().to(dtype)  # log 0 = -inf: excluded
@@ -183,13 +189,13 @@ class TokenWeightedLossFunction(torch.autograd.Function):
             running = result.running if result.running is not None else torch.zeros(())
             ctx.save_for_backward(stats["row_shift"], running, *(g for g in grads if g is not None))
         else:
-            row_stats = (stats["row_max"], stats["log_d"]) if "row_max" in stats else ()
+            row_stats = (stats["row_max"], stats["log_d"]) if "log_d" in stats else ()
             ctx.row_stats = len(row_stats)
             ctx.save_for_backward(targets, stats["log_weight"], stats["ce"], result.global_loss, *row_stats,
                                   *tensors[:2])
             ctx.bias = tensors[2] if len(tensors) == 3 else None
             ctx.token_weights, ctx.z_scale = token_weights, result.z_scale
-        outputs = (result.loss, stats["ce"], stats["entropy"], stats["log_weight"], stats["lse"])
+        outputs = (result.loss, *(stats[key] for key in STAT_KEYS))
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 

@@ -263,7 +263,7 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
         target's logit is -inf), nll (-log p_y, what focal's weight reads), entropy,
         log_weight (-inf where ignored; + log t_i with token weights), log_weight_all (the weight of every
         position, ignored ones included, as the official code counts them in paper mode), lse, log_d, d,
-        p_target, row_max.
+        p_target, row_max (m), correct (bool: a valid row whose target's logit equals m; a tie counts).
     """
     if spec.exact_tail:
         rowmax, top = z.max(dim=1, keepdim=True)  # NaN if any logit is NaN
@@ -279,8 +279,8 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
     else:
         d = e.sum(dim=1)  # >= 1: the maximum contributes exactly 1
         log_d = d.log()
-    nll = log_d - z.gather(1, targets[:, None]).squeeze(1)
-    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    picked = z.gather(1, targets[:, None]).squeeze(1)  # z_y - m: exactly 0 iff the target's logit is the maximum
+    nll = torch.where(valid, log_d - picked, torch.zeros_like(log_d))
     ce = nll
     if spec.label_smoothing:  # lse - mean_v z_v = log d - mean_v (z_v - m): one more (C, V) read, only here
         eps = spec.label_smoothing
@@ -303,7 +303,7 @@ def chunk_row_stats(z: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, val
     log_weight = torch.where(valid, log_weight_all, torch.full_like(log_weight_all, -math.inf))
     return dict(ce=ce, nll=nll, entropy=entropy, log_weight=log_weight, log_weight_all=log_weight_all,
                 lse=rowmax.view(-1) + log_d, log_d=log_d, d=d, p_target=torch.exp(-nll),
-                row_max=rowmax.view(-1))
+                row_max=rowmax.view(-1), correct=valid & (picked == 0))
 
 
 def _row_sum_of_products(product: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
         forward pass (see :func:`chunk_grad_from_stats`).
     Returns:
         (grad or None, stats dict of (C,) tensors: ce, entropy, log_weight, log_weight_all, lse, row_max,
-        log_d; the new running maximum or None). The formulas are those of ``chunked.chunk_row_stats`` and
+        log_d, correct; the new running maximum or None). The formulas are those of ``chunked.chunk_row_stats`` and
         ``chunked.chunk_logit_grad``, whose docstrings derive them.
     """
     z, tanh = _capped(src, bias, opts)
@@ -136,7 +136,7 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
     log_weight = torch.where(valid, log_weight_all, torch.full_like(log_weight_all, -math.inf))
     lse = rowmax.view(-1) + log_d
     stats = dict(ce=ce, entropy=entropy, log_weight=log_weight, log_weight_all=log_weight_all, lse=lse,
-                 row_max=rowmax.view(-1), log_d=log_d)
+                 row_max=rowmax.view(-1), log_d=log_d, correct=valid & (picked == 0))
     if mode == "stats":
         return None, stats, None
     grown = None

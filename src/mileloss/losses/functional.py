@@ -82,7 +82,7 @@ from mileloss.errors import (
     TargetRangeError,
     TokenWeightError,
 )
-from mileloss.losses.autograd import TokenStats, TokenWeightedLossFunction, _forward, token_mass
+from mileloss.losses.autograd import STAT_KEYS, TokenStats, TokenWeightedLossFunction, _forward, token_mass
 from mileloss.losses.chunked import LossSpec
 from mileloss.losses.compiled import compile_setting
 from mileloss.losses.weights import WEIGHTINGS, log_weight_shift
@@ -238,7 +238,7 @@ def _check_token_weights(token_weights, targets: torch.Tensor, device: torch.dev
 
 
 def _finish(outputs, targets: torch.Tensor, spec: LossSpec, vocab: int, token_weights=None):
-    loss, ce, entropy, log_weight, lse = outputs
+    loss, ce, entropy, log_weight, lse, max_logit, correct = outputs
     shape = targets.shape
     if spec.reduction == "none":
         loss = loss.view(shape)
@@ -252,7 +252,8 @@ def _finish(outputs, targets: torch.Tensor, spec: LossSpec, vocab: int, token_we
     z_loss_sum = z_terms.sum() * (spec.z_loss * math.exp(-shift))
     stats = TokenStats(ce.view(shape), entropy.view(shape), log_weight.exp().view(shape), lse.view(shape),
                        shifted.sum(), mass.sum(), (shifted * ce.double()).sum(), log_weight.view(shape),
-                       torch.tensor(shift, dtype=torch.float64, device=log_weight.device), z_loss_sum)
+                       torch.tensor(shift, dtype=torch.float64, device=log_weight.device), z_loss_sum,
+                       max_logit.view(shape), correct.view(shape))
     return loss, stats
 
 
@@ -261,8 +262,7 @@ def _apply(spec: LossSpec, targets: torch.Tensor, token_weights, *tensors):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return TokenWeightedLossFunction.apply(spec, targets, token_weights, *tensors)
     result = _forward(spec, targets, tensors, needs=(False,) * len(tensors), token_weights=token_weights)
-    stats = result.stats
-    return result.loss, stats["ce"], stats["entropy"], stats["log_weight"], stats["lse"]
+    return (result.loss, *(result.stats[key] for key in STAT_KEYS))
 
 
 def token_weighted_loss(
