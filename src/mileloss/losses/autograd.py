@@ -102,8 +102,8 @@ def z_loss_scale(spec: LossSpec, mass: torch.Tensor, lse: torch.Tensor, vocab: i
     return z_scale, z_sum
 
 
-def _make_head(tensors):
-    return LogitsHead(tensors[0]) if len(tensors) == 1 else LinearHead(*tensors)
+def _make_head(tensors, inplace: bool = False):
+    return LogitsHead(tensors[0], inplace) if len(tensors) == 1 else LinearHead(*tensors)
 
 
 def output_dtype(spec: LossSpec, input_dtype: torch.dtype) -> torch.dtype:
@@ -256,7 +256,7 @@ def _recompute_backward(ctx, grad_loss):
         coef_z = (grad_loss.detach().to(torch.float64) * ctx.z_scale
                   * token_mass(targets, spec, ctx.token_weights)).to(dtype)
     log_t = None if ctx.token_weights is None else ctx.token_weights.double().log().to(dtype)
-    head = _make_head(tensors)
+    head = _make_head(tensors, inplace=spec.inplace_backward)
     head.allocate_grads(tuple(ctx.needs_input_grad[3:]))
     run_chunks(head, targets, spec, coefs=(coef_ce, coef_logw, coef_z), log_token_weights=log_t,
                row_stats=row_stats)

@@ -53,6 +53,7 @@ class LossSpec:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     compile: bool | str = "auto"  # the per-chunk math compiled (True), eager (False), or as measured ("auto")
+    inplace_backward: bool = False  # from logits: the backward writes the gradient over the logits
 
     @property
     def needs_entropy(self) -> bool:
@@ -101,10 +102,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class LogitsHead:
-    """Logits given: z = logits[rows]; the gradient is written row-block by row-block into (N, V)."""
+    """Logits given: z = logits[rows]; the gradient is written row-block by row-block into (N, V): a new
+    tensor, or with ``inplace`` the logits themselves (each chunk is read before its rows are overwritten)."""
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
+    def __init__(self, logits: torch.Tensor, inplace: bool = False):
+        self.logits, self.inplace = logits, inplace
         self.num_rows, self.vocab = logits.shape
         self.hidden_dim = None
         self.grad_logits: torch.Tensor | None = None
@@ -134,7 +136,7 @@ class LogitsHead:
         return scratch
 
     def allocate_grads(self, needs: tuple[bool, ...]) -> None:
-        self.grad_logits = torch.empty_like(self.logits) if needs[0] else None
+        self.grad_logits = None if not needs[0] else self.logits if self.inplace else torch.empty_like(self.logits)
 
     def accumulate(self, grad_z: torch.Tensor, start: int, stop: int) -> None:
         if self.grad_logits is not None and grad_z.data_ptr() != self.grad_logits[start:stop].data_ptr():
@@ -439,7 +441,7 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
                     _compiled.mark_ragged(src, out, safe, valid, log_t, running, coef_ce, coef_logw, coef_z)
                 signature = (vocab, src.dtype, None if out is None else out.dtype, device.type)
                 with torch.no_grad():
-                    if out is not None and out is src:
+                    if out is not None and out.data_ptr() == src.data_ptr():  # the fused buffer, or inplace
                         fn = _compiled.compiled("in_place", opts, mode, signature)
                         stats, grown = fn(src, head.bias, safe, valid, log_t, running, coef_ce, coef_logw, coef_z)
                     else:

@@ -100,9 +100,9 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
         rowmax = z.amax(dim=1, keepdim=True)
     shifted = z - rowmax  # a -inf logit stays -inf; a +inf or NaN maximum makes the row NaN
     e = torch.exp(shifted)
-    cols = torch.arange(vocab, device=z.device)[None, :]
+    cols = _columns(vocab, z.device)
     if opts.exact_tail:
-        tail = torch.where(cols == top, torch.zeros_like(e), e).sum(dim=1) + (rowmax - rowmax).view(-1)
+        tail = torch.where(cols == top.to(cols.dtype), torch.zeros_like(e), e).sum(dim=1) + (rowmax - rowmax).view(-1)
         d, log_d = tail + 1.0, torch.log1p(tail)
     else:
         d = e.sum(dim=1)
@@ -162,12 +162,17 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
         grad = p * (a_p[:, None] - c[:, None] * (clamped - (log_d - entropy)[:, None]))
     else:
         grad = p * a_p[:, None]
-    grad = grad - torch.where(cols == targets[:, None], a_y[:, None], torch.zeros_like(grad))
+    grad = grad - torch.where(cols == targets.to(cols.dtype)[:, None], a_y[:, None], torch.zeros_like(grad))
     if eps:
         grad = grad - (coef_ce * (eps / vocab))[:, None]
     if tanh is not None:
         grad = grad - grad * (tanh * tanh)
     return grad, stats, grown
+
+
+def _columns(vocab: int, device) -> torch.Tensor:
+    """(1, V) column indices, int32 (half the width of int64 in the vectorised compare against the targets)."""
+    return torch.arange(vocab, device=device, dtype=torch.int32)[None, :]
 
 
 def _capped(src, bias, opts: ChunkOptions):
@@ -200,8 +205,8 @@ def chunk_grad_from_stats(z, tanh, targets, row_max, log_d, coef_ce, coef_z, *, 
     a_p = coef_ce if coef_z is None else coef_ce + 2.0 * coef_z * (row_max + log_d)
     a_y = coef_ce * (1.0 - eps) if eps else coef_ce
     p = torch.exp((z - row_max[:, None]) - log_d[:, None])
-    cols = torch.arange(vocab, device=z.device)[None, :]
-    grad = p * a_p[:, None] - torch.where(cols == targets[:, None], a_y[:, None], torch.zeros_like(p))
+    cols = _columns(vocab, z.device)
+    grad = p * a_p[:, None] - torch.where(cols == targets.to(cols.dtype)[:, None], a_y[:, None], torch.zeros_like(p))
     if eps:
         grad = grad - (coef_ce * (eps / vocab))[:, None]
     if tanh is not None:

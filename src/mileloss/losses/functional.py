@@ -151,7 +151,7 @@ def _label_smoothing(value) -> float:
 
 def make_spec(weighting="mile", gamma=1.0, sigma=1.0, ignore_index=-100, reduction="mean", normalize="weighted",
               detach_weight=True, process_group=None, chunk_size=None, return_stats=False, softcap=None,
-              label_smoothing=0.0, z_loss=0.0, compile="auto") -> LossSpec:
+              label_smoothing=0.0, z_loss=0.0, compile="auto", inplace_backward=False) -> LossSpec:
     """Check every option (named :class:`ParameterError` on a wrong type or value) and build the spec."""
     spec = LossSpec(
         weighting=_choice("weighting", weighting, WEIGHTINGS),
@@ -168,6 +168,7 @@ def make_spec(weighting="mile", gamma=1.0, sigma=1.0, ignore_index=-100, reducti
         label_smoothing=_label_smoothing(label_smoothing),
         z_loss=_real("z_loss", z_loss, math.inf),
         compile=compile_setting(compile),
+        inplace_backward=_flag("inplace_backward", inplace_backward),
     )
     if spec.chunk_size is not None and spec.chunk_size < 1:
         raise ParameterError(f"chunk_size must be a positive int or None, got {spec.chunk_size!r}")
@@ -284,6 +285,7 @@ def token_weighted_loss(
     token_weights: torch.Tensor | None = None,
     z_loss: float = 0.0,
     compile: bool | str = "auto",
+    inplace_backward: bool = False,
 ):
     """Token-weighted cross-entropy from logits, chunked; ``weighting`` in {"ce", "focal", "mile"}.
 
@@ -333,6 +335,12 @@ def token_weighted_loss(
             environment variable ``MILELOSS_COMPILE=0``/``1`` overrides "auto" (not an explicit True/False).
             Same results to rounding; if compilation fails, one ``RuntimeWarning`` and the eager path
             (``mileloss.losses.compiled``).
+        inplace_backward: the backward writes the logits' gradient over the logits themselves (as flash-attn's
+            ``CrossEntropyLoss(inplace_backward=True)`` and Liger-Kernel's cross-entropy do): no (N, V)
+            gradient is allocated, so the loss needs no (N, V) memory at all. The logits hold the gradient
+            after ``backward()``; anything else that saved them for its own backward (and a second backward
+            with ``retain_graph=True``) then fails with PyTorch's "modified by an inplace operation" error
+            instead of computing with overwritten values. Only for logits you do not read after the backward.
     Returns:
         The loss (0-d, or shaped like ``targets`` for "none"), and the stats if asked. A mean comes back in
         the logits' dtype; "sum" and "none" in float32 (float64 for float64 logits), also for 16-bit logits.
@@ -343,7 +351,7 @@ def token_weighted_loss(
         ParameterError (all ``ValueError``).
     """
     spec = make_spec(weighting, gamma, sigma, ignore_index, reduction, normalize, detach_weight, process_group,
-                     chunk_size, return_stats, softcap, label_smoothing, z_loss, compile)
+                     chunk_size, return_stats, softcap, label_smoothing, z_loss, compile, inplace_backward)
     _check_float("logits", logits, 1)
     _check_tensor("targets", targets)
     _check_devices(logits=logits, targets=targets)
