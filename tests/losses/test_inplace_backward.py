@@ -91,3 +91,15 @@ def test_the_option_is_checked_and_refused_for_the_fused_module():
     expected[valid.nonzero()[:, 0], targets[valid]] -= 1.0
     expected = torch.where(valid[:, None], expected / valid.sum(), torch.zeros_like(expected))
     assert_close(z.detach(), expected, torch.float32, what="logits hold the CE gradient")
+
+
+def test_expanded_logits_are_refused_by_name_and_transposed_ones_work():
+    targets = torch.randint(0, 50, (40,))
+    row = torch.randn(1, 50, requires_grad=True)
+    with pytest.raises(ParameterError, match="expanded"):
+        mileloss.mile_loss(row.expand(40, 50), targets, inplace_backward=True)
+    base = torch.randn(50, 40, requires_grad=True)
+    mileloss.mile_loss(base.t() * 1.0, targets, inplace_backward=True, chunk_size=16).backward()  # strides (1, 40)
+    expected = base.detach().clone().requires_grad_()
+    mileloss.mile_loss(expected.t(), targets, chunk_size=16).backward()
+    assert_close(base.grad, expected.grad, torch.float32)
