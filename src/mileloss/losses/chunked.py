@@ -11,12 +11,16 @@ A -inf logit has p = 0 and adds nothing to d or H (0 * -inf is taken as 0); a +i
 its row NaN.
 
 Rows are processed ``chunk_size`` at a time in two reusable fp32 (chunk, V) buffers, so nothing of size
-(N, V) is allocated besides the gradient of the logits (and, on the fused path, not even that). When the
-weights are detached and a scalar is returned, the gradient is built *during* the forward pass (one pass):
-each chunk's rows are weighted by exp(lw_i - R) with R the running maximum of the log-weights so far, the
-(V, D) accumulators of the fused path are rescaled when R grows (as online softmax rescales its partial
-sums), and the backward multiplies row i by exp(R_i - s) * scale. ``reduction="none"`` and
-``detach_weight=False`` save O(N) row statistics and recompute chunks in backward.
+(N, V) is allocated besides the gradient of the logits (on the fused path, not even that; from logits with
+``inplace_backward``, the gradient overwrites the logits). On the fused path, when the weights are detached and
+a scalar is returned, the gradient is built *during* the forward pass (one pass, the GEMM run once): each
+chunk's rows are weighted by exp(lw_i - R), with R a fixed shift where the log-weights have a known range
+(``weights.single_pass_shift``) or else the running maximum of the log-weights so far, in which case the (V, D)
+accumulators are rescaled when R grows (as online softmax rescales its partial sums); the backward multiplies
+row i by exp(R_i - s) * scale. Everything else (every loss from logits, ``reduction="none"``,
+``detach_weight=False``, a z-loss) saves O(N) row statistics and makes the gradient in backward: from the saved
+row maxima and log-denominators in one sweep per chunk when the weight is detached, else by recomputing the
+chunk's statistics.
 """
 
 from __future__ import annotations
