@@ -104,6 +104,15 @@ def _linear_options(chunk):
     return LinearCrossEntropyOptions() if chunk is None else LinearCrossEntropyOptions(batch_chunk_size=chunk)
 
 
+def _torch_linear_cross_entropy(chunk):
+    """The variant entry of PyTorch's ``F.linear_cross_entropy`` with ``batch_chunk_size=chunk`` (None: its
+    automatic options)."""
+    setting = "auto options" if chunk is None else f"batch_chunk_size={chunk}"
+    return (f"F.linear_cross_entropy ({setting})", "ce",
+            lambda x: F.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100,
+                                             options=_linear_options(chunk)))
+
+
 def gemm_floor(x):
     """The three GEMMs of a fused head and nothing else: logits = h @ W^T, then dh = g @ W and dW = g^T @ h
     with a fixed (N, V) g (autograd's backward of ``h @ W.T`` with a given output gradient)."""
@@ -149,15 +158,9 @@ LOGITS_VARIANTS = {
 OVERWRITES_LOGITS = {"cci"}
 LINEAR_VARIANTS = {
     "d": ("linear + F.cross_entropy", "ce", lambda x: F.cross_entropy(x["hidden"] @ x["weight"].T, x["targets"])),
-    "p_auto": ("F.linear_cross_entropy (auto options)", "ce",
-               lambda x: F.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100,
-                                                options=_linear_options(None))),
-    "p_tuned": (f"F.linear_cross_entropy (batch_chunk_size={LINEAR_CHUNK})", "ce",
-                lambda x: F.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100,
-                                                 options=_linear_options(LINEAR_CHUNK))),
-    "p_1024": ("F.linear_cross_entropy (batch_chunk_size=1024)", "ce",
-               lambda x: F.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], ignore_index=-100,
-                                                options=_linear_options(1024))),
+    "p_auto": _torch_linear_cross_entropy(None),
+    "p_tuned": _torch_linear_cross_entropy(LINEAR_CHUNK),
+    "p_1024": _torch_linear_cross_entropy(1024),
     "e": ("mileloss.linear_mile_loss (fused, eager)", "mile",
           lambda x: mileloss.linear_mile_loss(x["hidden"], x["weight"], x["targets"], chunk_size=LINEAR_CHUNK,
                                               compile=False)),

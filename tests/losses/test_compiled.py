@@ -276,9 +276,8 @@ def test_compiled_no_grad_forward_and_stats_equal_eager(strict_compile):
     assert_close(got_stats.lse, torch.logsumexp(logits.double(), dim=-1), torch.float32, what="lse vs logsumexp")
 
 
-_TWO_PROCESSES = """
-import sys, torch, mileloss
-torch.manual_seed(int(sys.argv[1]))
+# the body of both subprocess scripts below: compile one loss, which must not fall back, and equal the eager one
+_COMPILED_EQUALS_EAGER = """
 z = torch.randn(37, 103) * 3
 y = torch.randint(0, 103, (37,))
 a = mileloss.mile_loss(z, y, chunk_size=16, compile=True)
@@ -288,6 +287,11 @@ assert not compiled._FAILED, compiled._FAILED
 torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 print("ok", a.item())
 """
+
+_TWO_PROCESSES = """
+import sys, torch, mileloss
+torch.manual_seed(int(sys.argv[1]))
+""" + _COMPILED_EQUALS_EAGER
 
 
 @pytest.mark.slow
@@ -309,15 +313,7 @@ _KILLED_THEN_AGAIN = """
 import os, signal, sys, threading, torch, mileloss
 if sys.argv[1] == "kill":  # die by SIGKILL one second into the compilation
     threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-z = torch.randn(37, 103) * 3
-y = torch.randint(0, 103, (37,))
-a = mileloss.mile_loss(z, y, chunk_size=16, compile=True)
-b = mileloss.mile_loss(z, y, chunk_size=16, compile=False)
-from mileloss.losses import compiled
-assert not compiled._FAILED, compiled._FAILED
-torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
-print("ok")
-"""
+""" + _COMPILED_EQUALS_EAGER
 
 
 @pytest.mark.slow

@@ -22,6 +22,20 @@ def tiny_overrides(data_dir: Path, out: Path, **extra) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
+def train_here(args: list[str], resume: bool = False):
+    """Run ``mileloss.train`` in this process on ``args`` (overrides) and restore torch's thread count after it
+    (a run sets ``run.num_threads``), so that later tests run with the threads they started with."""
+    import torch
+
+    from mileloss.train import load_config, train
+
+    threads = torch.get_num_threads()
+    try:
+        return train(load_config(None, args), resume=resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_command(args: list[str], resume: bool = False) -> list[str]:
     return [sys.executable, "-m", "mileloss", "train", *args, *(["--resume"] if resume else []), "--quiet"]
 

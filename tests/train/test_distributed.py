@@ -6,12 +6,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from mileloss.train import load_config, train
 from mileloss.train.checkpoint import latest_checkpoint, load_checkpoint
 from mileloss.train.metrics import read_metrics
-from tests.train._train_utils import subprocess_env, tiny_overrides
+from tests.train._train_utils import subprocess_env, tiny_overrides, train_here
 
 STEPS = {"run.max_steps": 4, "run.eval_every": 0, "run.checkpoint_every": 4, "run.grad_accum_steps": 2,
          "run.num_threads": 1}
@@ -20,11 +18,7 @@ STEPS = {"run.max_steps": 4, "run.eval_every": 0, "run.checkpoint_every": 4, "ru
 @pytest.mark.distributed
 def test_two_gloo_ranks_reproduce_the_single_process_loss_curve(data_dir, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    threads = torch.get_num_threads()
-    try:
-        train(load_config(None, tiny_overrides(data_dir, single, **{**STEPS, "run.batch_size": 4})))
-    finally:
-        torch.set_num_threads(threads)
+    train_here(tiny_overrides(data_dir, single, **{**STEPS, "run.batch_size": 4}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "mileloss", "train", *tiny_overrides(data_dir, ddp, **{**STEPS, "run.batch_size": 2}), "--quiet"]
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)

@@ -11,10 +11,10 @@ import torch
 
 from mileloss.errors import ConfigValueError
 from mileloss.models import build_model, materialize_model
-from mileloss.train import load_config, train
+from mileloss.train import load_config
 from mileloss.train.distributed import fsdp_mixed_precision
 from mileloss.train.metrics import read_metrics
-from tests.train._train_utils import REPO, subprocess_env, tiny_overrides
+from tests.train._train_utils import REPO, subprocess_env, tiny_overrides, train_here
 
 STEPS = {"run.max_steps": 4, "run.eval_every": 0, "run.checkpoint_every": 0, "run.grad_accum_steps": 2,
          "run.num_threads": 1}
@@ -111,11 +111,7 @@ def test_two_fsdp_ranks_reproduce_the_single_process_loss_curve_and_export(data_
     from safetensors.torch import load_file
 
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    threads = torch.get_num_threads()
-    try:
-        train(load_config(None, tiny_overrides(data_dir, single, **{**STEPS, "run.batch_size": 4})))
-    finally:
-        torch.set_num_threads(threads)
+    train_here(tiny_overrides(data_dir, single, **{**STEPS, "run.batch_size": 4}))
     _torchrun("-m", "mileloss", "train", *tiny_overrides(data_dir, fsdp, **{**STEPS, "run.batch_size": 2}),
               "run.parallel=fsdp", "--quiet")
 
@@ -174,11 +170,7 @@ def test_nan_stop_under_fsdp_stops_every_rank_before_the_optimizer_step(data_dir
 def test_fsdp_composes_with_activation_checkpointing_and_torch_compile(data_dir, tmp_path):
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     steps = {**STEPS, "run.max_steps": 2}
-    threads = torch.get_num_threads()
-    try:
-        train(load_config(None, tiny_overrides(data_dir, single, **{**steps, "run.batch_size": 4})))
-    finally:
-        torch.set_num_threads(threads)
+    train_here(tiny_overrides(data_dir, single, **{**steps, "run.batch_size": 4}))
     _torchrun("-m", "mileloss", "train", *tiny_overrides(data_dir, fsdp, **{**steps, "run.batch_size": 2}),
               "run.parallel=fsdp", "model.gradient_checkpointing=true", "run.compile=true", "--quiet")
     expected, got = read_metrics(single / "metrics.jsonl"), read_metrics(fsdp / "metrics.jsonl")

@@ -228,15 +228,9 @@ def test_a_symlinked_step_folder_is_not_a_checkpoint_and_survives_pruning(tmp_pa
 @pytest.fixture(scope="module")
 def single_run(data_dir, tmp_path_factory) -> Path:
     """A 2-step single-process run with a .pt checkpoint at each step."""
-    from mileloss.train import load_config, train
-
     out = tmp_path_factory.mktemp("single") / "run"
-    threads = torch.get_num_threads()
-    try:
-        train(load_config(None, tiny_overrides(data_dir, out, **{"run.max_steps": 2, "run.checkpoint_every": 1,
-                                                                 "run.eval_every": 0, "run.num_threads": 1})))
-    finally:
-        torch.set_num_threads(threads)
+    train_here(tiny_overrides(data_dir, out, **{"run.max_steps": 2, "run.checkpoint_every": 1, "run.eval_every": 0,
+                                                "run.num_threads": 1}))
     return out
 
 
@@ -392,7 +386,7 @@ def test_sharded_checkpoint_of_a_cuda_bf16_step_loads_on_cuda_and_on_cpu(tmp_pat
 
 # --- multi-process: torchrun with gloo ranks -------------------------------------------------------------------------
 
-from tests.train._train_utils import REPO, subprocess_env, tiny_overrides  # noqa: E402
+from tests.train._train_utils import REPO, subprocess_env, tiny_overrides, train_here  # noqa: E402
 
 FSDP = {"run.max_steps": 6, "run.checkpoint_every": 2, "run.keep_checkpoints": 3, "run.eval_every": 3,
         "run.num_threads": 1, "run.parallel": "fsdp", "run.batch_size": 2}
@@ -524,15 +518,11 @@ def test_fsdp_run_killed_between_steps_and_inside_checkpoint_writes_resumes_to_t
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_two_rank_fsdp_checkpoint_resumes_in_one_process_and_exports(data_dir, tmp_path, fsdp_reference):
-    from mileloss.train import load_config, train
     from mileloss.train.export import export_checkpoint
 
     out = _branch(fsdp_reference, tmp_path / "one", keep_until=2)
-    threads = torch.get_num_threads()
-    try:  # one process takes both ranks' rows: the same global batch
-        train(load_config(None, tiny_overrides(data_dir, out, **{**FSDP, "run.batch_size": 4})), resume=True)
-    finally:
-        torch.set_num_threads(threads)
+    # one process takes both ranks' rows: the same global batch
+    train_here(tiny_overrides(data_dir, out, **{**FSDP, "run.batch_size": 4}), resume=True)
     _close(_curve(out), _curve(fsdp_reference))
     assert latest_checkpoint(out / "checkpoints").name == "step_00000006.pt"
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from mileloss.run_folder import LOCK as LOCK_NAME
-from mileloss.train import load_config, train
 from mileloss.train.checkpoint import checkpoint_steps, load_checkpoint
 from mileloss.train.metrics import read_metrics
-from tests.train._train_utils import run_and_kill_at, run_training, tiny_overrides
+from tests.train._train_utils import run_and_kill_at, run_training, tiny_overrides, train_here
 
 # One thread: CPU float reductions are then bitwise reproducible across processes.
 THREADS = {"run.num_threads": 1}
@@ -21,11 +20,7 @@ THREADS = {"run.num_threads": 1}
 def uninterrupted(data_dir, tmp_path) -> Path:
     """The reference run, in this process (same single thread as the subprocesses)."""
     out = tmp_path / "uninterrupted"
-    threads = torch.get_num_threads()
-    try:
-        train(load_config(None, tiny_overrides(data_dir, out, **THREADS)))
-    finally:
-        torch.set_num_threads(threads)
+    train_here(tiny_overrides(data_dir, out, **THREADS))
     return out
 
 
