@@ -68,7 +68,7 @@ class ForwardResult(NamedTuple):
     scale: torch.Tensor  # 0-d float64
     global_loss: torch.Tensor  # 0-d float64, normalised over all ranks
     head: object
-    running: torch.Tensor | None  # single pass: the shift the head's sums over tokens are relative to
+    running: torch.Tensor | None  # single pass: the shift the head's sums over tokens are relative to; else None
     z_scale: torch.Tensor | None  # 0-d float64: the z-loss term is z_scale * sum_i t_i lse_i^2 (None: no z-loss)
     z_sum: torch.Tensor | None  # 0-d float64: sum_i t_i lse_i^2 over this process's valid tokens
 
@@ -179,15 +179,14 @@ class TokenWeightedLossFunction(torch.autograd.Function):
         result = _forward(spec, targets, tensors, needs, token_weights)
         stats = result.stats
         ctx.spec, ctx.shift, ctx.scale = spec, result.shift, result.scale
-        ctx.single_pass = any(needs) and uses_single_pass(spec, tensors)
+        ctx.single_pass = result.running is not None  # the forward built the gradients (it returned a shift)
         if ctx.single_pass:
             head = result.head
             grads = head.grads()
             ctx.layout = tuple((g is not None, row) for g, row in zip(grads, head.row_wise, strict=True))
             ctx.grad_dtypes = head.output_dtypes()
             ctx.applied = None  # grad_output of the first backward, once applied
-            running = result.running if result.running is not None else torch.zeros(())
-            ctx.save_for_backward(stats["row_shift"], running, *(g for g in grads if g is not None))
+            ctx.save_for_backward(stats["row_shift"], result.running, *(g for g in grads if g is not None))
         else:
             row_stats = (stats["row_max"], stats["log_d"]) if "log_d" in stats else ()
             ctx.row_stats = len(row_stats)

@@ -430,8 +430,7 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
         rows = stop - start
         safe, valid = safe_all[start:stop], valid_all[start:stop]
         log_t = None if log_token_weights is None else log_token_weights[start:stop]
-        if mode == "lse":  # the compiled function takes the saved row statistics in these two slots
-            log_t, running = (stat[start:stop] for stat in row_stats)
+        row_max, log_d = (None, None) if mode != "lse" else (stat[start:stop] for stat in row_stats)
         if mode in ("coefs", "lse"):
             coef_ce, coef_logw, coef_z = (None if c is None else c[start:stop] for c in coefs)
         else:
@@ -441,17 +440,18 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
             try:
                 src = head.raw_logits(None if raw is None else raw[:rows], start, stop)
                 out = None if mode == "stats" else head.compiled_out(src, start, stop)
+                # mode "lse" takes the saved row statistics where the others take log_t and running
+                slots = (row_max, log_d) if mode == "lse" else (log_t, running)
                 if rows != rows_max:
-                    _compiled.mark_ragged(src, out, safe, valid, log_t, running, coef_ce, coef_logw, coef_z)
+                    _compiled.mark_ragged(src, out, safe, valid, *slots, coef_ce, coef_logw, coef_z)
                 signature = (vocab, src.dtype, None if out is None else out.dtype, device.type)
                 with torch.no_grad():
                     if out is not None and out.data_ptr() == src.data_ptr():  # the fused buffer, or inplace
                         fn = _compiled.compiled("in_place", opts, mode, signature)
-                        stats, grown = fn(src, head.bias, safe, valid, log_t, running, coef_ce, coef_logw, coef_z)
+                        stats, grown = fn(src, head.bias, safe, valid, *slots, coef_ce, coef_logw, coef_z)
                     else:
                         fn = _compiled.compiled("write_back", opts, mode, signature)
-                        stats, grown = fn(src, out, head.bias, safe, valid, log_t, running, coef_ce, coef_logw,
-                                          coef_z)
+                        stats, grown = fn(src, out, head.bias, safe, valid, *slots, coef_ce, coef_logw, coef_z)
                 grad_z = out
             except Exception as error:  # noqa: BLE001 - any failure of inductor: warn once, then eager
                 _compiled.give_up(error)
@@ -466,7 +466,6 @@ def run_chunks(head, targets: torch.Tensor, spec: LossSpec, coefs=None, stats_ou
                 tanh = torch.div(z, spec.softcap, out=cap_buf[:rows]).tanh_()
                 torch.mul(tanh, spec.softcap, out=z)
             if mode == "lse":  # p itself into e, so that chunk_logit_grad's e / d is p with d = 1
-                row_max, log_d = log_t, running
                 torch.exp(z.sub_(row_max[:, None]).sub_(log_d[:, None]), out=e)
                 stats = dict(d=torch.ones_like(log_d), lse=row_max + log_d)
             else:

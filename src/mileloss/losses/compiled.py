@@ -100,8 +100,8 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
         rowmax = z.amax(dim=1, keepdim=True)
     shifted = z - rowmax  # a -inf logit stays -inf; a +inf or NaN maximum makes the row NaN
     e = torch.exp(shifted)
-    cols = _columns(vocab, z.device)
     if opts.exact_tail:
+        cols = _columns(vocab, z.device)
         tail = torch.where(cols == top.to(cols.dtype), torch.zeros_like(e), e).sum(dim=1) + (rowmax - rowmax).view(-1)
         d, log_d = tail + 1.0, torch.log1p(tail)
     else:
@@ -159,15 +159,24 @@ def chunk_math(src, bias, targets, valid, log_t, running, coef_ce, coef_logw, co
         c = coef_logw * log_weight_derivative("mile", entropy, nll, opts.gamma, opts.sigma)
         if clamped is None:
             clamped = shifted.clamp_min(_FLOOR)
-        grad = p * (a_p[:, None] - c[:, None] * (clamped - (log_d - entropy)[:, None]))
+        softmax_term = p * (a_p[:, None] - c[:, None] * (clamped - (log_d - entropy)[:, None]))
     else:
-        grad = p * a_p[:, None]
-    grad = grad - torch.where(cols == targets.to(cols.dtype)[:, None], a_y[:, None], torch.zeros_like(grad))
+        softmax_term = p * a_p[:, None]
+    return _logit_gradient(softmax_term, targets, a_y, coef_ce, tanh, eps), stats, grown
+
+
+def _logit_gradient(softmax_term, targets, a_y, coef_ce, tanh, eps: float):
+    """softmax_term - a_y onehot(y) - coef_ce eps / V, times 1 - tanh^2 under a softcap: what every logit gradient
+    of the engine adds to its (C, V) softmax term (``chunked.chunk_logit_grad`` derives it)."""
+    vocab = softmax_term.shape[1]
+    cols = _columns(vocab, softmax_term.device)
+    grad = softmax_term - torch.where(cols == targets.to(cols.dtype)[:, None], a_y[:, None],
+                                      torch.zeros_like(softmax_term))
     if eps:
         grad = grad - (coef_ce * (eps / vocab))[:, None]
     if tanh is not None:
         grad = grad - grad * (tanh * tanh)
-    return grad, stats, grown
+    return grad
 
 
 def _columns(vocab: int, device) -> torch.Tensor:
@@ -200,18 +209,11 @@ def chunk_grad_from_stats(z, tanh, targets, row_max, log_d, coef_ce, coef_z, *, 
     Returns (C, V): a_p p - (1 - eps) coef_ce onehot(y) - coef_ce eps / V, a_p = coef_ce + 2 coef_z lse, times
     1 - tanh^2 under a softcap (``chunked.chunk_logit_grad`` derives it).
     """
-    vocab = z.shape[1]
     eps = opts.label_smoothing
     a_p = coef_ce if coef_z is None else coef_ce + 2.0 * coef_z * (row_max + log_d)
     a_y = coef_ce * (1.0 - eps) if eps else coef_ce
     p = torch.exp((z - row_max[:, None]) - log_d[:, None])
-    cols = _columns(vocab, z.device)
-    grad = p * a_p[:, None] - torch.where(cols == targets.to(cols.dtype)[:, None], a_y[:, None], torch.zeros_like(p))
-    if eps:
-        grad = grad - (coef_ce * (eps / vocab))[:, None]
-    if tanh is not None:
-        grad = grad - grad * (tanh * tanh)
-    return grad
+    return _logit_gradient(p * a_p[:, None], targets, a_y, coef_ce, tanh, eps)
 
 
 def _write_back(src, out, bias, targets, valid, log_t, running, coef_ce, coef_logw, coef_z, *, opts, mode):

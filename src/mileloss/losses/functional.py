@@ -358,8 +358,8 @@ def token_weighted_loss(
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ShapeError(f"logits have an empty class dimension: shape {tuple(logits.shape)}")
-    shared = any(step == 0 and size > 1 for step, size in zip(logits.stride(), logits.shape, strict=True))
-    if spec.inplace_backward and shared:
+    if spec.inplace_backward and any(step == 0 and size > 1
+                                     for step, size in zip(logits.stride(), logits.shape, strict=True)):
         raise ParameterError(f"inplace_backward=True writes the gradient over the logits, but these are expanded "
                              f"(shape {tuple(logits.shape)}, strides {logits.stride()}: several entries share one "
                              f"memory location); pass logits.contiguous() or inplace_backward=False")

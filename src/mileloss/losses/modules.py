@@ -27,7 +27,7 @@ class TokenWeightedLoss(torch.nn.Module):
                             process_group=process_group, chunk_size=chunk_size, return_stats=return_stats,
                             softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, compile=compile)
         make_spec(**self.options, inplace_backward=inplace_backward)
-        if self.fused and inplace_backward is not False:
+        if self.fused and inplace_backward:
             raise ParameterError(f"{type(self).__name__}: inplace_backward applies to a loss from logits; the "
                                  "fused loss never allocates the (N, V) logits or their gradient")
         if not self.fused:
