@@ -190,6 +190,13 @@ def test_an_empty_lock_is_reported_not_taken_over(data_dir, tmp_path):
         train(_config(data_dir, tmp_path / "run"))
 
 
+def test_a_lock_naming_a_pid_no_process_can_have_is_stale_not_a_traceback(data_dir, tmp_path, caplog):
+    _write_lock(tmp_path / "run", pid=10**20)  # beyond a C long: os.kill raises OverflowError, not "no such process"
+    with caplog.at_level(logging.WARNING, logger="mileloss.train.rundir"):
+        train(_config(data_dir, tmp_path / "run"))
+    assert "taking over the stale lock" in caplog.text and not (tmp_path / "run" / LOCK_NAME).exists()
+
+
 def test_a_stale_lock_of_a_dead_trainer_is_taken_over_with_a_warning(data_dir, tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

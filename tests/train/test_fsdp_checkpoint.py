@@ -362,6 +362,21 @@ def test_an_export_killed_before_its_rename_leaves_no_out_and_its_leftover_is_re
     assert (out / "mileloss_run.json").is_file()
 
 
+def test_leftover_export_folders_of_impossible_pids_are_removed_only_when_they_hold_export_files(single_run,
+                                                                                                  tmp_path):
+    from mileloss.train.export import export_checkpoint
+
+    out = tmp_path / "models" / "m"
+    ours, theirs = out.parent / ".m.export-99999999999999999999", out.parent / ".m.export-99999999999999999998"
+    for folder in (ours, theirs):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (theirs / "notes.txt").write_text("not an export file")
+    export_checkpoint(single_run, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == [theirs.name, "m"]
+    assert (theirs / "notes.txt").read_text() == "not an export file"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sharded_checkpoint_of_a_cuda_bf16_step_loads_on_cuda_and_on_cpu(tmp_path):

@@ -141,7 +141,7 @@ def _load_weights(path: Path, data_dir: str | None):
 def _remove_stale_exports(out: Path) -> None:
     """Remove ``.NAME.export-PID`` folders beside ``out`` left by killed exports (their process is gone) that hold
     only what an export writes; anything else is left alone."""
-    from mileloss.train.rundir import _FINAL_NAMES
+    from mileloss.train.rundir import _FINAL_NAMES, _alive
 
     if not out.parent.is_dir():
         return
@@ -150,12 +150,7 @@ def _remove_stale_exports(out: Path) -> None:
         pid = entry.name[len(prefix):]
         if not (entry.name.startswith(prefix) and pid.isdigit()) or entry.is_symlink() or not entry.is_dir():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # a live export (or another user's process): not ours to touch
-        except ProcessLookupError:
-            pass
-        except OSError:
+        if _alive(int(pid), None):  # a live export (or another user's process): not ours to touch
             continue
         files = list(entry.iterdir())
         if all(f.is_file() and not f.is_symlink() and any(p.match(f.name) for p in _FINAL_NAMES) for f in files):

@@ -99,9 +99,10 @@ def _process_start(pid: int) -> str | None:
 
 
 def _alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` runs (and, given its recorded kernel ``start`` time, is the same process)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process (a pid beyond C long cannot be one)
         return False
     except PermissionError:  # another user's live process
         return True
